@@ -1,0 +1,346 @@
+"""
+The sensor (IAP client) side of a connection, and a one-shot delivery API on top of it.
+
+The client speaks first, whoever opened the TCP connection (draft 6.1), and is the TLS
+client.  It checks what the manager cannot prove in plaintext: during the handshake
+service_identity matches the manager certificate against the host written in CONNECT;
+after it, the certificate must carry IAP_ALERT_CONSUMER, and the version verify inside
+TLS must repeat the CONNECT version (a downgrade of the plaintext setup is caught here).
+
+Alerts are pipelined up to a window and answered in order, so each response settles the
+oldest alert in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Sequence
+
+import attr
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import messages as m
+from .errors import IAPFailure, WireError
+from .parser import MAX_LINE, MAX_SETUP_LINES, describe, parse_setup
+from .roles import IAP_ALERT_CONSUMER, ROLE_NAMES, has_role
+from .tls import TLSMaterial, client_options, peer_certificate
+
+
+@attr.s(auto_attribs=True)
+class SensorSettings:
+    """What a sensor needs to deliver: built from sensor.yaml."""
+
+    manager: str
+    material: TLSMaterial
+    window: int = 256
+    setup_timeout: float = 10.0
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Outcome:
+    """The fate of one alert: acknowledged (code 200) or not, and why."""
+
+    code: int | None
+    reason: str = ""
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.code == 200
+
+
+class ClientState:
+    CONNECT_SENT = "CONNECT_SENT"
+    UPGRADE_SENT = "UPGRADE_SENT"
+    UPGRADE_ACCEPTED = "UPGRADE_ACCEPTED"
+    HANDSHAKE = "HANDSHAKE"
+    VERIFY_SENT = "VERIFY_SENT"
+    SERVER_VERIFY = "SERVER_VERIFY"
+    READY = "READY"
+    CLOSED = "CLOSED"
+
+
+def describe_connection_failure(reason: Failure) -> str:
+    """One line for a user: why the connection ended before or during TLS."""
+    value = reason.value
+    from OpenSSL import SSL
+
+    if isinstance(value, SSL.Error):
+        details = []
+        for item in value.args[0] if value.args and isinstance(value.args[0], list) else []:
+            if isinstance(item, tuple) and item:
+                details.append(str(item[-1]))
+        text = ", ".join(details) or str(value)
+        return f"TLS handshake failed: {text}"
+    name = type(value).__name__
+    if name == "VerificationError":
+        return f"manager certificate does not match the CONNECT host: {value}"
+    return reason.getErrorMessage() or name
+
+
+@implementer(IHandshakeListener)
+class SensorProtocol(LineReceiver):
+    """
+    Drive one connection to READY, then carry alerts.
+
+    C{ready} fires when the data phase begins, or fails with L{IAPFailure} saying what
+    the manager (or a proxy) answered; C{closed} fires when the connection is gone.
+    """
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = MAX_LINE
+    log = Logger()
+
+    def __init__(self, settings: SensorSettings, reactor: Any) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.state = ClientState.CONNECT_SENT
+        self.ready: Deferred[SensorProtocol] = Deferred()
+        self.closed: Deferred[None] = Deferred()
+        self._lines: list[bytes] = []
+        self._queue: collections.deque[tuple[bytes, Deferred[Outcome]]] = collections.deque()
+        self._in_flight: collections.deque[Deferred[Outcome]] = collections.deque()
+        self._failure: IAPFailure | None = None
+        self._handshake_buffer = b""
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self._deadline = self.reactor.callLater(self.settings.setup_timeout, self._setup_expired)
+        self.transport.write(m.ConnectRequest(m.PROTOCOL, self.settings.manager).to_bytes())
+
+    # -- setup ---------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state in (ClientState.CLOSED, ClientState.UPGRADE_ACCEPTED):
+            return
+        if line:
+            if len(self._lines) >= MAX_SETUP_LINES:
+                self._abort(IAPFailure(f"manager sent more than {MAX_SETUP_LINES} lines in one message"))
+                return
+            self._lines.append(line)
+            return
+        lines, self._lines = self._lines, []
+        message = parse_setup(lines)
+        if isinstance(message, WireError):
+            self._abort(IAPFailure(f"malformed message from peer: {message.reason}"))
+            return
+        if self.state == ClientState.READY:
+            self._acknowledged(message)
+            return
+        handler: Callable[[Any], None] = getattr(self, "_on_" + self.state.lower(), self._unexpected)
+        handler(message)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._abort(IAPFailure(f"peer sent a line longer than {MAX_LINE} octets"))
+
+    def _unexpected(self, message: object) -> None:
+        self._abort(IAPFailure(f"unexpected {describe(type(message))} in state {self.state}"))
+
+    def _response(self, message: object, expected: int, step: str) -> bool:
+        if not isinstance(message, m.Response):
+            self._abort(IAPFailure(f"expected a response to {step}, got {describe(type(message))}"))
+            return False
+        if message.code != expected:
+            why = f"{step} refused" + (f" ({message.reason})" if message.reason else "")
+            self._abort(IAPFailure(why, message.code))
+            return False
+        return True
+
+    def _on_connect_sent(self, message: object) -> None:
+        if self._response(message, 200, f"CONNECT {self.settings.manager}"):
+            self.state = ClientState.UPGRADE_SENT
+            self.transport.write(m.UpgradeRequest(m.PROTOCOL).to_bytes())
+
+    def _on_upgrade_sent(self, message: object) -> None:
+        if not self._response(message, 101, "TLS upgrade"):
+            return
+        if not ITLSTransport.providedBy(self.transport):
+            self._abort(IAPFailure("transport cannot start TLS"))
+            return
+        self.state = ClientState.UPGRADE_ACCEPTED
+        self.setRawMode()
+
+    def dataReceived(self, data: bytes) -> None:
+        LineReceiver.dataReceived(self, data)
+        if self.state == ClientState.UPGRADE_ACCEPTED:
+            self.state = ClientState.HANDSHAKE
+            self.transport.startTLS(self.factory.tls_options())
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.state == ClientState.UPGRADE_ACCEPTED:
+            # plaintext after 101 and before our handshake: someone is injecting
+            self._abort(IAPFailure(f"{len(data)} plaintext octets after 101 (injection); dropped"))
+        elif self.state == ClientState.HANDSHAKE:
+            self._handshake_buffer += data
+
+    def handshakeCompleted(self) -> None:
+        if self.state != ClientState.HANDSHAKE:
+            return
+        cert = peer_certificate(self.transport)
+        if cert is None or not has_role(cert, IAP_ALERT_CONSUMER):
+            self._abort(IAPFailure(f"manager certificate lacks {ROLE_NAMES[IAP_ALERT_CONSUMER]} in a critical EKU"))
+            return
+        self.state = ClientState.VERIFY_SENT
+        self.transport.write(m.VersionVerify(m.PROTOCOL, m.IAP_VERSION, sender=True).to_bytes())
+        extra, self._handshake_buffer = self._handshake_buffer, b""
+        self.setLineMode(extra)
+
+    def _on_verify_sent(self, message: object) -> None:
+        if self._response(message, 200, "version verify"):
+            self.state = ClientState.SERVER_VERIFY
+
+    def _on_server_verify(self, message: object) -> None:
+        if not isinstance(message, m.VersionVerify):
+            self._abort(IAPFailure(f"expected the manager's version verify, got {describe(type(message))}"))
+            return
+        if message.version != m.PROTOCOL or message.iap_version != m.IAP_VERSION:
+            self.transport.write(m.status(505))
+            self._abort(
+                IAPFailure(f"manager verifies {message.version} IAP-Version {message.iap_version}, we speak {m.PROTOCOL}", 505),
+            )
+            return
+        self.transport.write(m.ok())
+        self.state = ClientState.READY
+        if self._deadline.active():
+            self._deadline.cancel()
+        self.ready.callback(self)
+        self._pump()
+
+    # -- data ------------------------------------------------------------------------
+
+    def send(self, content_type: str, body: bytes) -> Deferred[Outcome]:
+        """Queue one alert; the Deferred fires with its L{Outcome}."""
+        d: Deferred[Outcome] = Deferred()
+        if self.state == ClientState.CLOSED:
+            d.callback(Outcome(None, str(self._failure or "connection closed")))
+            return d
+        self._queue.append((m.Content(content_type, body).to_bytes(), d))
+        if self.state == ClientState.READY:
+            self._pump()
+        return d
+
+    def _pump(self) -> None:
+        out = []
+        while self._queue and len(self._in_flight) < self.settings.window:
+            data, d = self._queue.popleft()
+            out.append(data)
+            self._in_flight.append(d)
+        if out:
+            self.transport.write(b"".join(out))
+
+    def _acknowledged(self, message: object) -> None:
+        if not isinstance(message, m.Response) or not self._in_flight:
+            self._abort(IAPFailure(f"unexpected {describe(type(message))} from manager in data phase"))
+            return
+        d = self._in_flight.popleft()
+        d.callback(Outcome(message.code, message.reason or ""))
+        if self.state == ClientState.READY:
+            self._pump()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._queue) + len(self._in_flight)
+
+    def close(self) -> Deferred[None]:
+        """Close gracefully (TLS close_notify) once every alert has its answer."""
+        self.transport.loseConnection()
+        return self.closed
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _setup_expired(self) -> None:
+        self._abort(IAPFailure(f"setup not completed within {self.settings.setup_timeout}s (state {self.state})"))
+
+    def _abort(self, failure: IAPFailure) -> None:
+        if self.state == ClientState.CLOSED:
+            return
+        self._failure = failure
+        self.log.warn("connection to {manager}: {failure}", manager=self.settings.manager, failure=str(failure))
+        self.state = ClientState.CLOSED
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        was = self.state
+        self.state = ClientState.CLOSED
+        if self._failure is None:
+            if was in (ClientState.HANDSHAKE, ClientState.VERIFY_SENT, ClientState.UPGRADE_ACCEPTED):
+                self._failure = IAPFailure(describe_connection_failure(reason) if reason else "connection lost")
+            elif was != ClientState.READY:
+                self._failure = IAPFailure(f"connection closed by peer in state {was}")
+            else:
+                self._failure = IAPFailure("connection closed before acknowledgement")
+        if not self.ready.called:
+            self.ready.errback(self._failure)
+        pending = list(self._in_flight) + [d for _, d in self._queue]
+        self._in_flight.clear()
+        self._queue.clear()
+        for d in pending:
+            d.callback(Outcome(None, str(self._failure)))
+        self.closed.callback(None)
+
+
+class SensorFactory(Factory):
+    """Builds sensor connections; keeps one TLS client context for all of them."""
+
+    def __init__(self, settings: SensorSettings, reactor: Any) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self._tls: Any = None
+
+    def buildProtocol(self, addr: Any) -> SensorProtocol:
+        p = SensorProtocol(self.settings, self.reactor)
+        p.factory = self
+        return p
+
+    def tls_options(self) -> Any:
+        if self._tls is None:
+            self._tls = client_options(self.settings.material, self.settings.manager)
+        return self._tls
+
+
+def deliver(
+    reactor: Any, endpoint: Any, settings: SensorSettings, alerts: Sequence[tuple[str, bytes]]
+) -> Deferred[list[Outcome]]:
+    """
+    Connect once, deliver C{alerts} (content type, body) pipelined, close.
+
+    Fires with one L{Outcome} per alert, in order; never fails: a connection that could
+    not be made or set up gives every alert an outcome naming the reason.
+    """
+    factory = SensorFactory(settings, reactor)
+    connecting = endpoint.connect(factory)
+
+    def connected(proto: SensorProtocol) -> Deferred[list[Outcome]]:
+        sends = [proto.send(ct, body) for ct, body in alerts]
+        gathered = DeferredList(sends, consumeErrors=True) if sends else succeed([])
+
+        def done(results: list[tuple[bool, Any]]) -> Deferred[list[Outcome]]:
+            outcomes = [r if ok else Outcome(None, r.getErrorMessage()) for ok, r in results]
+            if proto.state != ClientState.CLOSED:
+                proto.transport.loseConnection()
+            return proto.closed.addCallback(lambda _: outcomes)
+
+        return gathered.addCallback(done)
+
+    def unreachable(failure: Failure) -> list[Outcome]:
+        why = failure.getErrorMessage()
+        return [Outcome(None, f"cannot connect: {why}") for _ in alerts]
+
+    def setup(proto: SensorProtocol) -> Deferred[Any]:
+        return proto.ready.addCallbacks(
+            lambda _: connected(proto),
+            lambda f: proto.closed.addCallback(lambda _: [Outcome(getattr(f.value, "code", None), str(f.value)) for _ in alerts]),
+        )
+
+    return connecting.addCallbacks(setup, unreachable)

@@ -1,0 +1,353 @@
+"""
+The manager's summary of an IDMEF alert body (RFC 4765).
+
+The manager stores every alert body exactly as received and, next to it, a small JSON
+summary (the C{idmef} field of C{iapctl alerts --json}, DESIGN.md section 7) so that
+people can list and filter alerts without re-parsing XML.  The summary is a convenience:
+a body that cannot be summarised is still stored, with a null summary.
+
+Two forces shape this module:
+
+  - The body is attacker-controlled.  It is parsed with defusedxml and any DTD at all
+    is refused, so no entity is ever expanded and nothing is loaded from disk or the
+    network; every string and list in the summary is capped so that a hostile body
+    cannot make the summary large; and L{summarize} never raises.
+  - Real producers are looser than RFC 4765's schema (NOTES.md, "Real IDMEF in the
+    wild"): no XML declaration, no namespace, a bare C{Alert} root, several messages
+    written back to back, Analyzers nested several levels deep, DTD violations.  So
+    elements are matched on their local names only, whatever their namespace, and
+    nothing is validated beyond what the summary needs.
+
+Decisions, in one place::
+
+  input                                   summary
+  -------------------------------------   --------------------------------------------
+  DOCTYPE / entity / external reference   None (defusedxml refusal, anywhere in body)
+  not well-formed, or bad encoding        None
+  root not IDMEF-Message/Alert/Heartbeat  None
+  IDMEF-Message holding no Alert or       None (nothing to summarise)
+    Heartbeat in the whole body
+  messages back to back                   first Alert/Heartbeat; "messages" counts them
+  later message broken or not IDMEF       counting stops there; the first is kept
+  attribute present but empty             "" (what the producer said)
+  element text empty or absent            None
+  Heartbeat with alert-only children      ignored: classification/severity None,
+                                            source/target empty (RFC 4765 4.2.3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypedDict
+from xml.etree.ElementTree import Element, ParseError, TreeBuilder
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import DefusedXMLParser
+
+__all__ = [
+    "MAX_CHARS",
+    "MAX_ITEMS",
+    "MAX_MESSAGES",
+    "AnalyzerSummary",
+    "Summary",
+    "summarize",
+]
+
+MAX_ITEMS = 64
+"""At most this many entries in each list of a summary."""
+
+MAX_CHARS = 1024
+"""At most this many characters in each string of a summary."""
+
+MAX_MESSAGES = 1024
+"""
+C{messages} stops counting here.  Each further message costs a new parser; a 1 MiB
+body of tiny messages would otherwise cost seconds of manager CPU.
+"""
+
+# Errors that only say "this body is not a usable IDMEF document".  LookupError and
+# ValueError come from encodings declared in the XML declaration that Python cannot
+# hand to expat (unknown, multi-byte, bytes-to-bytes codecs).
+_UNUSABLE = (ParseError, DefusedXmlException, LookupError, ValueError)
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_BLANKS = b" \t\r\n"
+# Between messages producers leave newlines and, being C programs, NULs.
+_BETWEEN = _BLANKS + b"\0"
+
+_MESSAGE = "IDMEF-Message"
+_KINDS = frozenset({"Alert", "Heartbeat"})
+_ROOTS = _KINDS | {_MESSAGE}
+
+
+class AnalyzerSummary(TypedDict):
+    """One Analyzer of the chain that produced or relayed an alert."""
+
+    analyzerid: str | None
+    name: str | None
+    model: str | None
+
+
+class Summary(TypedDict):
+    """What the manager stores about an IDMEF body; see L{summarize}."""
+
+    kind: str
+    messageid: str | None
+    create_time: str | None
+    classification: str | None
+    severity: str | None
+    analyzer: list[AnalyzerSummary]
+    source: list[str]
+    target: list[str]
+    messages: int
+
+
+def summarize(body: bytes) -> Summary | None:
+    """
+    Summarise an IDMEF alert body, or return C{None} when it cannot be.
+
+    The first Alert or Heartbeat of the body is summarised; C{messages} says how many
+    IDMEF messages (documents) the body holds, up to L{MAX_MESSAGES}.  C{analyzer} is
+    the Analyzer chain outermost first (the last relay first, the original sensor
+    last); C{source} and C{target} hold each Node's addresses, or its name when it has
+    none, deduplicated in document order.
+
+    This never raises: the body comes from the network, and an alert that cannot be
+    summarised must still be stored.
+    """
+    try:
+        return _summarize(body)
+    except _UNUSABLE:
+        return None
+    except Exception:
+        # A safety net for a bug in this module, not an expected path: the tests
+        # check that arbitrary input only ever raises _UNUSABLE inside.
+        return None
+
+
+def _summarize(body: bytes) -> Summary | None:
+    """L{summarize}, letting the parser's complaints through (for the tests)."""
+    roots = list(_documents(bytes(body)))
+    event = _first_event(roots)
+    if event is None:
+        return None
+    return _summary(event, len(roots))
+
+
+# -- Parsing: one or more documents back to back ------------------------------------
+
+
+class _DocumentBuilder(TreeBuilder):
+    """
+    A tree builder that records when its root element has closed.
+
+    Expat stops at the first byte that cannot follow a complete document.  Whether the
+    root had closed by then tells "another message follows" apart from "this message
+    is broken".
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+        self.complete = False
+
+    def start(self, tag: str, attrs: dict[str, str]) -> Element:
+        self.depth += 1
+        return super().start(tag, attrs)
+
+    def end(self, tag: str) -> Element:
+        self.depth -= 1
+        self.complete = self.depth == 0
+        return super().end(tag)
+
+
+def _parse_one(data: memoryview) -> tuple[Element, int | None]:
+    """
+    Parse the XML document at the start of C{data}.
+
+    Return its root and the offset in C{data} where something else begins, or C{None}
+    when the document ran to the end.  DTDs are refused outright: IDMEF needs none, and
+    an external DTD is a network or file access we must never make.
+    """
+    builder = _DocumentBuilder()
+    parser = DefusedXMLParser(target=builder, forbid_dtd=True)
+    expat = parser.parser  # close() drops the parser's own reference to it
+    try:
+        parser.feed(data)
+        root: Element = parser.close()
+    except ParseError:
+        if not builder.complete or expat.ErrorByteIndex <= 0:
+            raise
+        return builder.close(), expat.ErrorByteIndex
+    return root, None
+
+
+def _local(tag: object) -> str:
+    """The local name of an element tag, whatever its namespace (or none)."""
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
+
+
+def _start(body: bytes) -> memoryview:
+    """
+    The body without a UTF-8 BOM and leading blank lines.
+
+    Blanks are stripped only when a C{<} follows, i.e. in an ASCII-compatible
+    encoding: in UTF-16 they are half of a character.
+    """
+    if body.startswith(_UTF8_BOM):
+        body = body[len(_UTF8_BOM) :]
+    stripped = body.lstrip(_BLANKS)
+    return memoryview(stripped if stripped.startswith(b"<") else body)
+
+
+def _skip_between(data: memoryview, offset: int) -> int:
+    """The offset of the next message after C{offset}: past blanks, NULs and BOMs."""
+    while offset < len(data):
+        if data[offset] in _BETWEEN:
+            offset += 1
+        elif data[offset : offset + len(_UTF8_BOM)] == _UTF8_BOM:
+            offset += len(_UTF8_BOM)
+        else:
+            break
+    return offset
+
+
+def _documents(body: bytes) -> Iterator[Element]:
+    """
+    The roots of the IDMEF messages written back to back in C{body}.
+
+    The first message must parse and be IDMEF, or this raises.  A later one that is
+    broken, or not IDMEF, ends the sequence: the messages before it are still good.
+    A refusal (DTD, entity) anywhere raises: the body is hostile.
+    """
+    data = _start(body)
+    root, used = _parse_one(data)
+    if _local(root.tag) not in _ROOTS:
+        raise ParseError(f"not an IDMEF message: {_local(root.tag)[:64]!r}")
+    yield root
+    count, offset = 1, 0
+    while used is not None and count < MAX_MESSAGES:
+        offset = _skip_between(data, offset + used)
+        if offset >= len(data):
+            return
+        try:
+            root, used = _parse_one(data[offset:])
+        except DefusedXmlException:
+            raise  # a ValueError too, but hostile rather than broken
+        except (ParseError, LookupError, ValueError):
+            return
+        if _local(root.tag) not in _ROOTS:
+            return
+        yield root
+        count += 1
+
+
+def _first_event(roots: list[Element]) -> Element | None:
+    """The first Alert or Heartbeat, as a bare root or inside an IDMEF-Message."""
+    for root in roots:
+        if _local(root.tag) in _KINDS:
+            return root
+        for child in root:
+            if _local(child.tag) in _KINDS:
+                return child
+    return None
+
+
+# -- Reading the summary out of an Alert or Heartbeat --------------------------------
+
+
+def _cap(value: str) -> str:
+    """C{value} cut to L{MAX_CHARS}: the summary must stay small whatever the body."""
+    return value[:MAX_CHARS]
+
+
+def _children(element: Element, name: str) -> Iterator[Element]:
+    """Direct children of C{element} with local name C{name}, in document order."""
+    return (child for child in element if _local(child.tag) == name)
+
+
+def _child(element: Element | None, name: str) -> Element | None:
+    """The first direct child of C{element} with local name C{name}."""
+    if element is None:
+        return None
+    return next(_children(element, name), None)
+
+
+def _attribute(element: Element | None, name: str) -> str | None:
+    """An attribute, verbatim but capped; C{None} when absent."""
+    if element is None:
+        return None
+    value = element.get(name)
+    return None if value is None else _cap(value)
+
+
+def _text(element: Element | None) -> str | None:
+    """An element's own text, stripped and capped; C{None} when absent or blank."""
+    if element is None or element.text is None:
+        return None
+    return _cap(element.text.strip()) or None
+
+
+def _analyzers(event: Element) -> list[AnalyzerSummary]:
+    """
+    The Analyzer chain, outermost first.
+
+    RFC 4765 nests the Analyzer an alert came from inside the Analyzer that relayed
+    it.  The walk is a loop, not a recursion: nesting depth is attacker-controlled.
+    """
+    chain: list[AnalyzerSummary] = []
+    analyzer = _child(event, "Analyzer")
+    while analyzer is not None and len(chain) < MAX_ITEMS:
+        chain.append(
+            AnalyzerSummary(
+                analyzerid=_attribute(analyzer, "analyzerid"),
+                name=_attribute(analyzer, "name"),
+                model=_attribute(analyzer, "model"),
+            )
+        )
+        analyzer = _child(analyzer, "Analyzer")
+    return chain
+
+
+def _node_addresses(node: Element) -> Iterator[str]:
+    """A Node's Address/address values, or its name when it has no address."""
+    found = False
+    for address in _children(node, "Address"):
+        for value in _children(address, "address"):
+            text = _text(value)
+            if text is not None:
+                found = True
+                yield text
+    if not found:
+        name = _text(_child(node, "name"))
+        if name is not None:
+            yield name
+
+
+def _addresses(event: Element, role: str) -> list[str]:
+    """Addresses of every C{role} (Source or Target) Node, deduplicated, in order."""
+    seen: dict[str, None] = {}  # an ordered set
+    for party in _children(event, role):
+        for node in _children(party, "Node"):
+            for address in _node_addresses(node):
+                seen.setdefault(address)
+                if len(seen) >= MAX_ITEMS:
+                    return list(seen)
+    return list(seen)
+
+
+def _summary(event: Element, messages: int) -> Summary:
+    """The summary of one Alert or Heartbeat element."""
+    kind = _local(event.tag)
+    alert = event if kind == "Alert" else None
+    return Summary(
+        kind=kind,
+        messageid=_attribute(event, "messageid"),
+        create_time=_text(_child(event, "CreateTime")),
+        classification=_attribute(_child(alert, "Classification"), "text"),
+        severity=_attribute(_child(_child(alert, "Assessment"), "Impact"), "severity"),
+        analyzer=_analyzers(event),
+        source=_addresses(alert, "Source") if alert is not None else [],
+        target=_addresses(alert, "Target") if alert is not None else [],
+        messages=messages,
+    )

@@ -1,0 +1,448 @@
+"""
+The manager (IAP server) side of a connection: setup, upgrade, verify, then alerts.
+
+The protocol class is glue: setup messages are collected with C{LineReceiver} and parsed
+by L{iapd.parser.parse_setup}; the data phase runs in raw mode through an incremental
+L{iapd.parser.ContentReader}.  Decisions per state:
+
+  state        expects                 on success             on error
+  CONNECT      CONNECT [+ VIA]         200 -> UPGRADE         400 / 403 / 505, close
+  UPGRADE      Upgrade: TLS/1.0        101, startTLS          400 / 500, close
+  HANDSHAKE    (TLS handshake)         role check -> VERIFY   403 inside TLS, close
+  VERIFY       IAP-Version verify      200 + our verify       505, close
+  VERIFY_ACK   200 from the client     -> DATA                close
+  DATA         alerts                  200 after commit       415 kept; 400/411/413 close
+
+Plaintext left in the buffer after the upgrade request is a STARTTLS injection: the
+connection is dropped without answering.  The whole setup has one deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import ipaddress
+import itertools
+from typing import Any, Callable
+
+import attr
+from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from . import messages as m
+from .errors import WireError, bad_request
+from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe, parse_setup
+from .roles import IAP_ALERT_GENERATOR, ROLE_NAMES, has_role, identity_of
+from .store import AlertRecord
+from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options
+from .urgent import UrgentDataWatcher
+
+ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+# Back-pressure: a connection stops being read while this much awaits commit.
+MAX_IN_FLIGHT = 4096
+MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
+
+
+@attr.s(auto_attribs=True)
+class ManagerSettings:
+    """What a manager needs to answer connections; built from manager.yaml."""
+
+    identity: str
+    material: TLSMaterial | None
+    setup_timeout: float = 10.0
+    max_content_length: int = 1048576
+    allow_sensors: tuple[str, ...] = ("*",)
+    allow_networks: tuple[Any, ...] = ANY_NETWORK
+    content_types: frozenset[str] = frozenset([m.IDEF_ALERT])
+
+    def network_allowed(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.allow_networks if net.version == address.version)
+
+    def sensor_allowed(self, identity: str) -> bool:
+        return any(fnmatch.fnmatchcase(identity, p.lower()) for p in self.allow_sensors)
+
+    def is_me(self, host: str) -> bool:
+        return host.lower().rstrip(".") == self.identity.lower().rstrip(".")
+
+
+class State:
+    CONNECT = "CONNECT"
+    UPGRADE = "UPGRADE"
+    UPGRADE_REQUESTED = "UPGRADE_REQUESTED"
+    HANDSHAKE = "HANDSHAKE"
+    VERIFY = "VERIFY"
+    VERIFY_ACK = "VERIFY_ACK"
+    DATA = "DATA"
+    CLOSED = "CLOSED"
+
+
+class _Pending:
+    """One alert's place in the in-order response queue."""
+
+    __slots__ = ("response", "fatal", "size", "reason")
+
+    def __init__(self, size: int = 0) -> None:
+        self.response: bytes | None = None
+        self.fatal = False
+        self.size = size
+        self.reason = ""
+
+
+@implementer(IHandshakeListener)
+class ManagerProtocol(LineReceiver):
+    """One sensor connection, from CONNECT to close."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = MAX_LINE
+    log = Logger()
+    factory: "ManagerFactory"
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.conn_id = f.next_connection_id()
+        peer = self.transport.getPeer()
+        self.peer_host = getattr(peer, "host", "")
+        self.peer = f"{self.peer_host}:{getattr(peer, 'port', '')}"
+        self.state = State.CONNECT
+        self.sensor: str | None = None
+        self.via: tuple[str, ...] = ()
+        self.version = m.PROTOCOL
+        self.stored = self.duplicates = self.rejected = 0
+        self._lines: list[bytes] = []
+        self._handshake_buffer = b""
+        self._reader: ContentReader | None = None
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._in_flight_bytes = 0
+        self._paused = False
+        self._close_reason = "peer closed"
+        self._deadline = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self.log.info("connection {conn} from {peer}", conn=self.conn_id, peer=self.peer)
+        if self.peer_host and not f.settings.network_allowed(self.peer_host):
+            self._fail(WireError(403, f"source address {self.peer_host} is outside allow.networks"))
+            return
+        f.urgent.watch(self.transport, self._urgent)
+        f.connections.add(self)
+
+    # -- setup phase: whole messages, one state each -------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state in (State.CLOSED, State.UPGRADE_REQUESTED):
+            return
+        if line:
+            if len(self._lines) >= MAX_SETUP_LINES:
+                self._fail(bad_request(f"more than {MAX_SETUP_LINES} lines in a setup message"))
+                return
+            self._lines.append(line)
+            return
+        lines, self._lines = self._lines, []
+        message = parse_setup(lines)
+        if isinstance(message, WireError):
+            self._fail(message)
+            return
+        handler: Callable[[Any], None] = getattr(self, "_on_" + self.state.lower())
+        handler(message)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail(bad_request(f"line longer than {MAX_LINE} octets"))
+
+    def _expect(self, message: object, kind: type) -> bool:
+        if isinstance(message, kind):
+            return True
+        self._fail(bad_request(f"expected {describe(kind)} in state {self.state}, got {describe(type(message))}"))
+        return False
+
+    def _on_connect(self, message: object) -> None:
+        if not self._expect(message, m.ConnectRequest):
+            return
+        assert isinstance(message, m.ConnectRequest)
+        if message.version != m.PROTOCOL:
+            self._fail(WireError(505, f"{message.version} is not supported; this manager speaks {m.PROTOCOL}"))
+            return
+        if not self.factory.settings.is_me(message.host):
+            self._fail(WireError(403, f"CONNECT names {message.host!r}, this manager is {self.factory.settings.identity!r}"))
+            return
+        self.version, self.via = message.version, message.via
+        self.state = State.UPGRADE
+        self.transport.write(m.ok())
+
+    def _on_upgrade(self, message: object) -> None:
+        if not self._expect(message, m.UpgradeRequest):
+            return
+        assert isinstance(message, m.UpgradeRequest)
+        if message.version != self.version:
+            self._fail(WireError(505, f"upgrade request says {message.version}, CONNECT said {self.version}"))
+            return
+        if message.token != "TLS/1.0":
+            self._fail(bad_request(f"unknown upgrade token {message.token!r} (expected TLS/1.0)"))
+            return
+        unusable = manager_unusable_reason(self.factory.settings.material)
+        if unusable is None and not ITLSTransport.providedBy(self.transport):
+            unusable = "the transport cannot start TLS"
+        if unusable is not None:
+            self.log.error("upgrade refused on connection {conn}: {reason}", conn=self.conn_id, reason=unusable)
+            self._fail(WireError(500, unusable))
+            return
+        # Answer only once this read is over: if anything follows the request in the
+        # buffer, it is plaintext that an attacker placed before the handshake.
+        self.state = State.UPGRADE_REQUESTED
+        self.setRawMode()
+
+    def dataReceived(self, data: bytes) -> None:
+        LineReceiver.dataReceived(self, data)
+        if self.state == State.UPGRADE_REQUESTED:
+            self.state = State.HANDSHAKE
+            self.transport.write(m.status(101))
+            self.transport.startTLS(self.factory.tls_options())
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.state == State.DATA:
+            self._data_received(data)
+        elif self.state == State.UPGRADE_REQUESTED:
+            self.log.warn(
+                "connection {conn} from {peer}: {n} plaintext octets after the upgrade request;"
+                " dropping it (STARTTLS injection)",
+                conn=self.conn_id, peer=self.peer, n=len(data),
+            )
+            self.state = State.CLOSED
+            self._close_reason = "plaintext after upgrade request"
+            self.transport.abortConnection()
+        elif self.state == State.HANDSHAKE:
+            self._handshake_buffer += data
+
+    def handshakeCompleted(self) -> None:
+        if self.state != State.HANDSHAKE:
+            return
+        cert = peer_certificate(self.transport)
+        if cert is None:
+            self._fail(WireError(403, "no client certificate"))
+            return
+        identity = identity_of(cert)
+        if not has_role(cert, IAP_ALERT_GENERATOR):
+            self._fail(WireError(403, f"certificate of {identity!r} lacks {ROLE_NAMES[IAP_ALERT_GENERATOR]} in a critical EKU"))
+            return
+        if identity is None:
+            self._fail(WireError(403, "client certificate names no DNS SAN and no CN"))
+            return
+        if not self.factory.settings.sensor_allowed(identity):
+            self._fail(WireError(403, f"sensor {identity!r} is not in allow.sensors"))
+            return
+        self.sensor = identity
+        self.state = State.VERIFY
+        extra, self._handshake_buffer = self._handshake_buffer, b""
+        self.setLineMode(extra)
+
+    def _on_verify(self, message: object) -> None:
+        if not self._expect(message, m.VersionVerify):
+            return
+        assert isinstance(message, m.VersionVerify)
+        if message.version != self.version or f"IAP/{message.iap_version}" != self.version:
+            # the plaintext CONNECT may have been downgraded; this check is inside TLS
+            self._fail(WireError(505, f"verify says {message.version} IAP-Version {message.iap_version}, CONNECT said {self.version}"))
+            return
+        self.state = State.VERIFY_ACK
+        self.transport.write(m.ok(self.version) + m.VersionVerify(self.version, self.version[4:]).to_bytes())
+
+    def _on_verify_ack(self, message: object) -> None:
+        if not self._expect(message, m.Response):
+            return
+        assert isinstance(message, m.Response)
+        if message.code != 200:
+            self.log.warn(
+                "sensor {sensor} refused our version verify with {code}", sensor=self.sensor, code=message.code
+            )
+            self._close(f"sensor answered {message.code} to our verify")
+            return
+        self._deadline.cancel()
+        self.state = State.DATA
+        settings = self.factory.settings
+        self._reader = ContentReader(settings.max_content_length, settings.content_types)
+        self.factory.store.seen(self.sensor or "", self.peer, self.via)
+        self.log.info(
+            "sensor {sensor} ready on connection {conn} from {peer} via {via}",
+            sensor=self.sensor, conn=self.conn_id, peer=self.peer, via=list(self.via),
+        )
+        self.setRawMode()
+
+    # -- data phase ------------------------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        assert self._reader is not None
+        for event in self._reader.feed(data):
+            if isinstance(event, m.Content):
+                self._alert(event)
+            elif isinstance(event, Refused):
+                self.rejected += 1
+                self.log.warn(
+                    "alert from {sensor} refused with {code}: {reason}",
+                    sensor=self.sensor, code=event.error.code, reason=event.error.reason,
+                )
+                slot = _Pending()
+                slot.response = m.status(event.error.code, self.version)
+                self._pending.append(slot)
+            else:
+                self.rejected += 1
+                slot = _Pending()
+                slot.response = m.status(event.code, self.version)
+                slot.fatal = True
+                slot.reason = str(event)
+                self._pending.append(slot)
+                self.log.warn("sensor {sensor} broke framing: {error}; closing", sensor=self.sensor, error=str(event))
+                break
+        self._flush()
+        self._apply_backpressure()
+
+    def _alert(self, content: m.Content) -> None:
+        slot = _Pending(len(content.body))
+        self._pending.append(slot)
+        self._in_flight_bytes += slot.size
+        record = AlertRecord(
+            sensor=self.sensor or "", content_type=content.content_type, body=content.body,
+            via=self.via, peer=self.peer,
+        )
+        d = self.factory.store.add(record)
+
+        def committed(new: bool) -> None:
+            if new:
+                self.stored += 1
+            else:
+                self.duplicates += 1
+            slot.response = m.ok(self.version)
+            self._settle(slot)
+
+        def failed(failure: Any) -> None:
+            self.log.error(
+                "store unavailable, answering 503 to {sensor}: {why}", sensor=self.sensor, why=failure.getErrorMessage()
+            )
+            slot.response = m.status(503, self.version)
+            self._settle(slot)
+
+        d.addCallbacks(committed, failed)
+
+    def _settle(self, slot: _Pending) -> None:
+        self._in_flight_bytes -= slot.size
+        self._flush()
+        self._apply_backpressure()
+
+    def _flush(self) -> None:
+        """Write every response whose turn has come; responses keep alert order."""
+        out = []
+        while self._pending and self._pending[0].response is not None:
+            slot = self._pending.popleft()
+            out.append(slot.response)
+            if slot.fatal:
+                if self.state != State.CLOSED:
+                    self.transport.write(b"".join(out))
+                    self._close(slot.reason)
+                self._pending.clear()
+                return
+        if out and self.state != State.CLOSED:
+            self.transport.write(b"".join(out))
+
+    def _apply_backpressure(self) -> None:
+        if self.state != State.DATA:
+            return
+        heavy = len(self._pending) >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+        if heavy and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and len(self._pending) < MAX_IN_FLIGHT // 2 and self._in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- endings ---------------------------------------------------------------------
+
+    def _fail(self, error: WireError) -> None:
+        """Answer C{error}'s status code (inside TLS if it is up) and close."""
+        if self.state == State.CLOSED:
+            return
+        self.log.warn(
+            "connection {conn} from {peer}{who}: {error}; closing",
+            conn=self.conn_id, peer=self.peer, who=f" ({self.sensor})" if self.sensor else "", error=str(error),
+        )
+        self.transport.write(m.status(error.code, self.version if self.version else m.PROTOCOL))
+        self._close(str(error))
+
+    def _close(self, reason: str) -> None:
+        self.state = State.CLOSED
+        self._close_reason = reason
+        self.transport.loseConnection()
+
+    def _setup_expired(self) -> None:
+        if self.state in (State.DATA, State.CLOSED):
+            return
+        self.log.warn(
+            "connection {conn} from {peer}: setup not completed within {t}s (in state {state}); closing",
+            conn=self.conn_id, peer=self.peer, t=self.factory.settings.setup_timeout, state=self.state,
+        )
+        self.state = State.CLOSED
+        self._close_reason = "setup deadline"
+        self.transport.abortConnection()
+
+    def _urgent(self) -> None:
+        self.log.warn(
+            "connection {conn} from {peer}: TCP urgent data received (draft 6.2); closing",
+            conn=self.conn_id, peer=self.peer,
+        )
+        self.state = State.CLOSED
+        self._close_reason = "urgent data"
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._deadline.active():
+            self._deadline.cancel()
+        self.factory.urgent.unwatch(self.transport)
+        self.factory.connections.discard(self)
+        unanswered = sum(1 for slot in self._pending if slot.response is None)
+        self.state = State.CLOSED
+        self.log.info(
+            "connection {conn} from {peer} closed ({why}): {stored} stored, {dup} duplicate, {rej} refused"
+            "{more}",
+            conn=self.conn_id, peer=self.peer, why=self._close_reason, stored=self.stored,
+            dup=self.duplicates, rej=self.rejected,
+            more=f", {unanswered} committing (the sensor will resend them)" if unanswered else "",
+        )
+
+
+class ManagerFactory(ServerFactory):
+    """Shared state of a manager's connections: settings, store, TLS context."""
+
+    protocol = ManagerProtocol
+
+    def __init__(self, settings: ManagerSettings, store: Any, reactor: Any) -> None:
+        self.settings = settings
+        self.store = store
+        self.reactor = reactor
+        self.urgent = UrgentDataWatcher(reactor)
+        self.connections: set[ManagerProtocol] = set()
+        self._ids = itertools.count(1)
+        self._tls: Any = None
+        self._tls_for: TLSMaterial | None = None
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)
+
+    def tls_options(self) -> Any:
+        """The server TLS context, rebuilt only when the material changes."""
+        material = self.settings.material
+        if self._tls is None or self._tls_for is not material:
+            assert material is not None
+            self._tls, self._tls_for = server_options(material), material
+        return self._tls
+
+    def stopFactory(self) -> None:
+        self.urgent.close()
+

@@ -1,0 +1,105 @@
+"""
+A throw-away PKI for TLS tests: good role certificates and precisely wrong ones.
+
+Not a test module.  Call L{make_test_pki} once per test class (it takes a few
+milliseconds: ECDSA keys) with a temporary directory; every certificate/key pair is a
+C{(crt, key)} tuple of paths.  The good ones come from L{iapd.pki.issue}, the path users
+take; the wrong ones from L{iapd.pki.make_certificate}, one defect each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.x509 import ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from iapd import pki
+from iapd.roles import IAP_ALERT_GENERATOR, MANAGER_USAGES, SENSOR_USAGES
+
+Pair = tuple[Path, Path]
+Usages = Sequence[ObjectIdentifier]
+
+
+@dataclass(frozen=True)
+class TestPKI:
+    """
+    Paths of a test PKI.  C{ca} is the CA everyone trusts; C{other_ca} is the rogue CA
+    that signed the C{*_other_ca} certificates.
+    """
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    ca: Path
+    other_ca: Path
+    manager: Pair  # manager.test, serverAuth + CONSUMER
+    sensor: Pair  # sensor1.test, clientAuth + GENERATOR
+    sensor2: Pair  # sensor2.test, clientAuth + GENERATOR
+    sensor_cn_only: Pair  # CN sensor-cn.test, no SAN
+    sensor_no_role: Pair  # norole.test, clientAuth only
+    sensor_noncritical: Pair  # noncrit.test, sensor EKU not critical
+    sensor_expired: Pair  # expired.test, validity entirely in the past
+    sensor_other_ca: Pair  # rogue.test, signed by other_ca
+    manager_no_consumer: Pair  # manager.test, serverAuth only
+    manager_as_sensor: Pair  # manager.test, clientAuth + GENERATOR
+    manager_other_ca: Pair  # manager.test, signed by other_ca
+    manager_wrong_name: Pair  # other-manager.test, good CA and role
+
+
+def make_test_pki(directory: Path) -> TestPKI:
+    """
+    Create the CAs and certificates of L{TestPKI} in C{directory}.
+
+    Files of the deliberately wrong certificates are named after the attribute
+    (C{sensor_expired.crt}), because several of them share a DNS name.
+    """
+    directory = Path(directory)
+    ca = pki.init_ca(directory, name="iapd test CA")
+    ca_key, ca_cert = pki.load_ca(directory)
+    rogue_key, rogue_cert = pki.make_self_signed_ca("rogue test CA")
+    other_ca = directory / "other_ca.crt"
+    pki.write_pair(directory, "other_ca", rogue_key, rogue_cert)
+
+    def good(stem: str, name: str, usages: Usages, **kwargs: Any) -> Pair:
+        key, cert = pki.make_certificate(ca_key, ca_cert, name, usages, **kwargs)
+        return pki.write_pair(directory, stem, key, cert)
+
+    def rogue(stem: str, name: str, usages: Usages) -> Pair:
+        key, cert = pki.make_certificate(rogue_key, rogue_cert, name, usages)
+        return pki.write_pair(directory, stem, key, cert)
+
+    now = datetime.now(timezone.utc)
+    return TestPKI(
+        ca=ca,
+        other_ca=other_ca,
+        manager=pki.issue(directory, "manager", "manager.test"),
+        sensor=pki.issue(directory, "sensor", "sensor1.test"),
+        sensor2=pki.issue(directory, "sensor", "sensor2.test"),
+        sensor_cn_only=good("sensor_cn_only", "sensor-cn.test", SENSOR_USAGES, san=False),
+        sensor_no_role=good("sensor_no_role", "norole.test", [ExtendedKeyUsageOID.CLIENT_AUTH]),
+        sensor_noncritical=good(
+            "sensor_noncritical", "noncrit.test", SENSOR_USAGES, eku_critical=False
+        ),
+        sensor_expired=good(
+            "sensor_expired",
+            "expired.test",
+            SENSOR_USAGES,
+            not_before=now - timedelta(days=30),
+            not_after=now - timedelta(days=1),
+        ),
+        sensor_other_ca=rogue("sensor_other_ca", "rogue.test", SENSOR_USAGES),
+        manager_no_consumer=good(
+            "manager_no_consumer", "manager.test", [ExtendedKeyUsageOID.SERVER_AUTH]
+        ),
+        manager_as_sensor=good(
+            "manager_as_sensor",
+            "manager.test",
+            [ExtendedKeyUsageOID.CLIENT_AUTH, IAP_ALERT_GENERATOR],
+        ),
+        manager_other_ca=rogue("manager_other_ca", "manager.test", MANAGER_USAGES),
+        manager_wrong_name=pki.issue(directory, "manager", "other-manager.test"),
+    )
