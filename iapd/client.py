@@ -293,6 +293,8 @@ class SensorProtocol(LineReceiver):
 class SensorFactory(Factory):
     """Builds sensor connections; keeps one TLS client context for all of them."""
 
+    noisy = False
+
     def __init__(self, settings: SensorSettings, reactor: Any) -> None:
         self.settings = settings
         self.reactor = reactor

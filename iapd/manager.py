@@ -421,6 +421,7 @@ class ManagerFactory(ServerFactory):
     """Shared state of a manager's connections: settings, store, TLS context."""
 
     protocol = ManagerProtocol
+    noisy = False
 
     def __init__(self, settings: ManagerSettings, store: Any, reactor: Any) -> None:
         self.settings = settings

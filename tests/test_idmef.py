@@ -311,8 +311,7 @@ def test_snort_alert_without_namespace_or_declaration() -> None:
 
 def test_heartbeat() -> None:
     """A Heartbeat has no classification, severity, source or target."""
-    summary = summarize(HEARTBEAT)
-    assert summary == {
+    expected: idmef.Summary = {
         "kind": "Heartbeat",
         "messageid": "abc123456789",
         "create_time": "2000-03-09T14:07:58Z",
@@ -325,6 +324,7 @@ def test_heartbeat() -> None:
         "target": [],
         "messages": 1,
     }
+    assert summarize(HEARTBEAT) == expected
 
 
 def test_heartbeat_alert_only_children_ignored() -> None:

@@ -1,0 +1,277 @@
+"""
+YAML configuration of the three roles, checked completely before anything starts.
+
+A daemon with a bad configuration must stop at start with one sentence naming the key
+and the problem (DESIGN.md section 6), never with a traceback, and never start half
+configured.  Unknown keys are errors too: a misspelt C{allow.sensor} silently ignored
+would leave a manager open to every sensor.
+
+Relative paths and C{sqlite:///} URLs are relative to the configuration file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import attr
+import yaml
+
+from .messages import IDEF_ALERT
+from .store import StoreError, sqlite_path
+from .tls import TLSMaterial, TLSSetupError, load_material
+
+DEFAULT_PORT = 5603
+_DNS = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
+_MEDIA = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+\Z")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; str() is the whole message for the user."""
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class TLSFiles:
+    certificate: Path
+    key: Path
+    ca: Path
+
+    def load(self, where: str) -> TLSMaterial:
+        try:
+            return load_material(self.certificate, self.key, self.ca)
+        except TLSSetupError as e:
+            raise ConfigError(f"{where}: tls: {e}") from None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ManagerConfig:
+    path: Path
+    identity: str
+    listen: tuple[str, ...]
+    tls: TLSFiles
+    store: str
+    store_path: Path
+    allow_sensors: tuple[str, ...]
+    allow_networks: tuple[Any, ...]
+    setup_timeout: float
+    max_content_length: int
+    content_types: frozenset[str]
+    web_listen: str | None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SensorConfig:
+    path: Path
+    identity: str
+    manager: str
+    connect: str | None
+    tls: TLSFiles
+    window: int
+    setup_timeout: float
+    spool: Path | None
+
+
+class _Reader:
+    """Walks one YAML mapping, remembering which keys were used, naming keys in errors."""
+
+    def __init__(self, data: Any, where: str, prefix: str = "") -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
+        self.data, self.where, self.prefix = data, where, prefix
+        self.used: set[str] = set()
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {self.prefix}{key}: {problem}")
+
+    def get(self, key: str, default: Any = attr.NOTHING) -> Any:
+        self.used.add(key)
+        if key in self.data and self.data[key] is not None:
+            return self.data[key]
+        if default is attr.NOTHING:
+            raise self.fail(key, "is required")
+        return default
+
+    def sub(self, key: str, required: bool = False) -> "_Reader":
+        value = self.get(key, attr.NOTHING if required else {})
+        return _Reader(value, self.where, f"{self.prefix}{key}.")
+
+    def finish(self) -> None:
+        unknown = sorted(str(k) for k in self.data if k not in self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key" + (f" (known: {', '.join(sorted(self.used))})" if self.used else ""))
+
+    # typed getters -------------------------------------------------------------------
+
+    def hostname(self, key: str, default: Any = attr.NOTHING) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str) or not _DNS.match(value):
+            raise self.fail(key, f"must be a DNS host name, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float, unit: str) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise self.fail(key, f"must be a number of {unit} above {low:g} and at most {high:g}, got {value!r}")
+        return float(value)
+
+    def integer(self, key: str, default: int, low: int, high: int, unit: str) -> int:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(key, f"must be a whole number of {unit} from {low} to {high}, got {value!r}")
+        return value
+
+    def strings(self, key: str, default: Any, check: Callable[[str], str | None] | None = None) -> tuple[str, ...]:
+        value = self.get(key, default)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, f"must be a list of strings, got {value!r}")
+        if check is not None:
+            for item in value:
+                problem = check(item)
+                if problem:
+                    raise self.fail(key, f"{item!r}: {problem}")
+        return tuple(value)
+
+    def path(self, key: str, base: Path, default: Any = attr.NOTHING) -> Path:
+        value = self.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"must be a file path, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    def tls(self, base: Path) -> TLSFiles:
+        tls = self.sub("tls", required=True)
+        files = TLSFiles(tls.path("certificate", base), tls.path("key", base), tls.path("ca", base))
+        tls.finish()
+        return files
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: configuration is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+
+
+def _endpoint_problem(kind: str) -> Callable[[str], str | None]:
+    def check(text: str) -> str | None:
+        from twisted.internet import endpoints, reactor
+
+        try:
+            if kind == "server":
+                endpoints.serverFromString(reactor, text)
+            else:
+                endpoints.clientFromString(reactor, text)
+        except (ValueError, TypeError, KeyError) as e:
+            return f"not a Twisted {kind} endpoint string ({e or type(e).__name__})"
+        return None
+
+    return check
+
+
+def _network(text: str) -> str | None:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError as e:
+        return f"not a network in CIDR form ({e})"
+    return None
+
+
+def _media_type(text: str) -> str | None:
+    return None if _MEDIA.match(text.lower()) else "not a media type like application/x-idef-alert"
+
+
+def load_manager(path: Path) -> ManagerConfig:
+    path = Path(path)
+    where = str(path)
+    base = path.resolve().parent
+    top = _Reader(_load_yaml(path), where)
+    identity = top.hostname("identity")
+    listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], _endpoint_problem("server"))
+    if not listen:
+        raise top.fail("listen", "must name at least one endpoint")
+    tls = top.tls(base)
+    store = top.get("store", "sqlite:///alerts.db")
+    if not isinstance(store, str):
+        raise top.fail("store", f"must be a store URL, got {store!r}")
+    if store.startswith(("postgresql:", "postgres:")):
+        raise top.fail("store", "PostgreSQL stores are not available in this version of iapd; use sqlite:///PATH")
+    try:
+        store_path = sqlite_path(store, base)
+    except StoreError as e:
+        raise top.fail("store", str(e)) from None
+    allow = top.sub("allow")
+    sensors = allow.strings("sensors", ["*"])
+    networks = allow.strings("networks", ["0.0.0.0/0", "::/0"], _network)
+    allow.finish()
+    limits = top.sub("limits")
+    setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
+    max_len = limits.integer("max_content_length", 1048576, 1, 1 << 30, "octets")
+    limits.finish()
+    content_types = top.strings("content_types", [IDEF_ALERT], _media_type)
+    web = top.sub("web")
+    web_listen = web.get("listen", None)
+    if web_listen is not None:
+        web.strings("listen", None, _endpoint_problem("server"))
+    web.finish()
+    dial = top.strings("dial", [])
+    if dial:
+        raise top.fail("dial", "manager-initiated connections are not available in this version of iapd")
+    top.finish()
+    return ManagerConfig(
+        path=path,
+        identity=identity,
+        listen=listen,
+        tls=tls,
+        store=store,
+        store_path=store_path,
+        allow_sensors=tuple(s.lower() for s in sensors),
+        allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in networks),
+        setup_timeout=setup_timeout,
+        max_content_length=max_len,
+        content_types=frozenset(t.lower() for t in content_types),
+        web_listen=web_listen,
+    )
+
+
+def load_sensor(path: Path) -> SensorConfig:
+    path = Path(path)
+    where = str(path)
+    base = path.resolve().parent
+    top = _Reader(_load_yaml(path), where)
+    identity = top.hostname("identity")
+    manager = top.hostname("manager")
+    connect = top.get("connect", None)
+    if connect is not None:
+        top.strings("connect", None, _endpoint_problem("client"))
+    listen = top.get("listen", None)
+    if listen is not None:
+        raise top.fail("listen", "manager-initiated connections are not available in this version of iapd")
+    if connect is None:
+        raise top.fail("connect", "is required (the first hop: the manager or a proxy)")
+    tls = top.tls(base)
+    spool = top.path("spool", base, None) if top.get("spool", None) is not None else None
+    window = top.integer("window", 256, 1, 65536, "alerts")
+    limits = top.sub("limits")
+    setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
+    limits.finish()
+    inputs = top.get("inputs", [])
+    if not isinstance(inputs, list):
+        raise top.fail("inputs", f"must be a list, got {inputs!r}")
+    top.finish()
+    return SensorConfig(
+        path=path, identity=identity, manager=manager, connect=connect, tls=tls,
+        window=window, setup_timeout=setup_timeout, spool=spool,
+    )

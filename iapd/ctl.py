@@ -1,0 +1,130 @@
+"""
+C{iapctl -c manager.yaml alerts|sensors|tail}: read what a manager stored.
+
+It opens the store read-only, from another process, while the manager runs (SQLite in
+WAL mode lets readers and the writer proceed together).  C{--json} prints one object per
+line with the stable field names of DESIGN.md section 7, for scripts and outside tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_manager
+from .store import StoreError, read_alerts, read_sensors
+
+_RELATIVE = re.compile(r"(\d+)([smhd])\Z")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_since(text: str, now: datetime.datetime | None = None) -> str:
+    """
+    An ISO 8601 time (naive means UTC) or a span back from now (C{90s}, C{10m}, C{2h},
+    C{7d}), as the sortable UTC text the store keeps.
+    """
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    m = _RELATIVE.match(text.strip())
+    if m:
+        when = now - datetime.timedelta(**{_UNITS[m[2]]: int(m[1])})
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"--since: {text!r} is neither an ISO 8601 time nor a span like 10m, 2h, 7d") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _summary_line(alert: dict[str, Any]) -> str:
+    idmef = alert["idmef"] or {}
+    what = idmef.get("classification") or ("(heartbeat)" if idmef.get("kind") == "Heartbeat" else "-")
+    sev = idmef.get("severity") or "-"
+    via = ",".join(alert["via"]) or "direct"
+    return (
+        f"{alert['id']:>6}  {alert['received'][:19]}Z  {alert['sensor']:<24}  {sev:<6}  "
+        f"{what[:60]}  [{alert['size']} octets, via {via}, sha256 {alert['sha256'][:12]}]"
+    )
+
+
+def _print_alerts(alerts: list[dict[str, Any]], as_json: bool) -> None:
+    for alert in alerts:
+        if as_json:
+            print(json.dumps(alert, sort_keys=True))
+        else:
+            print(_summary_line(alert))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iapctl", description="Read the alerts and sensors an IAP manager stored.")
+    parser.add_argument("-c", "--config", required=True, help="the manager's YAML configuration (manager.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    alerts = sub.add_parser("alerts", help="list stored alerts, oldest first")
+    tail = sub.add_parser("tail", help="print alerts as they are stored (Ctrl-C to stop)")
+    for p in (alerts, tail):
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument("--sensor", help="only this sensor identity (glob patterns allowed)")
+    alerts.add_argument("--since", help="only alerts received since: ISO 8601 time, or 10m, 2h, 7d ago")
+    alerts.add_argument("--limit", type=int, help="only the newest N")
+    tail.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the store")
+    tail.add_argument("--count", type=int, help="stop after N new alerts")
+    sensors = sub.add_parser("sensors", help="list sensors with their last connection and alert counts")
+    sensors.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_manager(Path(args.config))
+        if args.command == "alerts":
+            since = parse_since(args.since) if args.since else None
+            _print_alerts(
+                read_alerts(config.store_path, since=since, sensor=args.sensor, limit=args.limit), args.json
+            )
+        elif args.command == "sensors":
+            for s in read_sensors(config.store_path):
+                if args.json:
+                    print(json.dumps(s, sort_keys=True))
+                else:
+                    print(
+                        f"{s['sensor']:<32} alerts {s['alerts']:>8}  last seen {s['last_seen'][:19]}Z"
+                        f"  last alert {(s['last_alert'] or '-')[:19]}{'Z' if s['last_alert'] else ''}  from {s['last_peer']}"
+                    )
+        else:
+            return _tail(config.store_path, args)
+    except (ConfigError, StoreError, ValueError) as e:
+        print(f"iapctl: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+def _tail(path: Path, args: argparse.Namespace) -> int:
+    existing = read_alerts(path, sensor=args.sensor, limit=1)
+    last = existing[-1]["id"] if existing else 0
+    printed = 0
+    try:
+        while args.count is None or printed < args.count:
+            new = read_alerts(path, sensor=args.sensor, after_id=last)
+            if args.count is not None:
+                new = new[: args.count - printed]
+            _print_alerts(new, args.json)
+            sys.stdout.flush()
+            if new:
+                last = new[-1]["id"]
+                printed += len(new)
+            else:
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

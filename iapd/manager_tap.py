@@ -1,0 +1,165 @@
+"""
+C{twistd iap-manager}: options and the service tree of a manager.
+
+Everything that can be checked before the reactor runs is checked in C{postOptions}, so
+that a bad configuration stops twistd with one line naming the key, before it daemonizes.
+"""
+
+from __future__ import annotations
+
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from . import devmode
+from .config import ConfigError, ManagerConfig, load_manager
+from .manager import ManagerFactory, ManagerSettings
+from .store import SQLiteStore, read_alerts
+
+log = Logger(namespace="iapd.manager")
+
+
+class Options(usage.Options):
+    synopsis = "[-c manager.yaml]"
+    longdesc = (
+        "Run an IAP/0.2 manager: accept sensor connections over TLS with role "
+        "certificates and store their alerts.  Without -c, run a development manager "
+        f"on loopback with a throw-away PKI in ./{devmode.DEFAULT_STATE} (or $IAPD_HOME)."
+    )
+    optParameters = [
+        ["config", "c", None, "the manager's YAML configuration file"],
+        ["dev-port", None, "5603", "loopback port of the development manager (only without -c)"],
+    ]
+
+    def postOptions(self) -> None:
+        self.dev_created: list[str] = []
+        self.dev_state: Path | None = None
+        path = self["config"]
+        if path is None:
+            try:
+                port = int(self["dev-port"])
+            except ValueError:
+                raise usage.UsageError(f"--dev-port: not a port number: {self['dev-port']!r}") from None
+            self.dev_state = devmode.state_dir()
+            path, self.dev_created = devmode.prepare(self.dev_state, port)
+        try:
+            self.manager_config = load_manager(Path(path))
+            self.material = self.manager_config.tls.load(str(path))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class StoreService(service.Service):
+    """Opens the store at start; closes it last, after the listeners stopped."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.store.open()
+
+        def failed(failure: Any) -> None:
+            from twisted.internet import reactor
+
+            log.critical("cannot open the store: {why}", why=failure.getErrorMessage())
+            reactor.stop()
+
+        d.addErrback(failed)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.store.close()
+
+
+class DevelopmentBanner(service.Service):
+    """Says loudly that this is a development manager, then proves it works."""
+
+    def __init__(self, options: Options, reactor: Any) -> None:
+        self.options = options
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        state = self.options.dev_state
+        for line in (
+            "*" * 72,
+            "DEVELOPMENT MODE: no -c given, so this manager runs on an embedded default.",
+            f"State, configuration and a DEVELOPMENT CA live in {state}.",
+            "Listening on loopback only.  Do not use these certificates in production.",
+            *[f"created {what}" for what in self.options.dev_created],
+            "*" * 72,
+        ):
+            log.warn("{line}", line=line)
+        self.reactor.callLater(0.5, self._demo)
+
+    def _demo(self) -> None:
+        from .send import send_files
+
+        state = self.options.dev_state
+        assert state is not None
+        config = self.options.manager_config
+        d = send_files(self.reactor, state / "sensor.yaml", [str(state / "sample-alert.xml")])
+
+        def sent(results: list[tuple[str, Any]]) -> None:
+            _, outcome = results[0]
+            if not outcome.acknowledged:
+                log.error("the sample alert was not acknowledged: {why}", why=outcome.reason)
+                return
+            [alert] = read_alerts(config.store_path, sensor=devmode.SENSOR_NAME, limit=1)
+            idmef = alert["idmef"] or {}
+            log.warn(
+                "sample alert acknowledged and stored: id {id}, sensor {sensor}, sha256 {sha}, "
+                "classification {cls!r}, severity {sev}",
+                id=alert["id"], sensor=alert["sensor"], sha=alert["sha256"][:16],
+                cls=idmef.get("classification"), sev=idmef.get("severity"),
+            )
+            log.warn("send your own:  iap-send -c {state}/sensor.yaml FILE...", state=state)
+            log.warn("see them:       iapctl -c {state}/manager.yaml alerts", state=state)
+
+        d.addCallbacks(sent, lambda f: log.failure("sample alert failed", f))
+
+
+def settings_from(config: ManagerConfig, material: Any) -> ManagerSettings:
+    return ManagerSettings(
+        identity=config.identity,
+        material=material,
+        setup_timeout=config.setup_timeout,
+        max_content_length=config.max_content_length,
+        allow_sensors=config.allow_sensors,
+        allow_networks=config.allow_networks,
+        content_types=config.content_types,
+    )
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    config: ManagerConfig = options.manager_config
+    top = service.MultiService()
+    store = SQLiteStore(config.store_path, reactor)
+    StoreService(store).setServiceParent(top)
+    factory = ManagerFactory(settings_from(config, options.material), store, reactor)
+    for text in config.listen:
+        listener = StreamServerEndpointService(endpoints.serverFromString(reactor, text), factory)
+        # a port that cannot be bound must stop the daemon, not leave it running deaf
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    if config.web_listen:
+        log.warn("web.listen is set, but the dashboard is not part of this version; nothing listens there")
+    if options.dev_state is not None:
+        DevelopmentBanner(options, reactor).setServiceParent(top)
+    log.info(
+        "manager {identity}: listening on {listen}, store {store}, setup timeout {t}s, max content {n} octets",
+        identity=config.identity, listen=list(config.listen), store=str(config.store_path),
+        t=config.setup_timeout, n=config.max_content_length,
+    )
+    return top
+
+
