@@ -73,34 +73,35 @@ class SensorConfig:
     spool: Path | None
 
 
+MANAGER_KEYS = ("identity", "listen", "tls", "store", "allow", "limits", "content_types", "web", "dial")
+SENSOR_KEYS = ("identity", "manager", "connect", "listen", "tls", "spool", "window", "limits", "inputs")
+
+
 class _Reader:
     """Walks one YAML mapping, remembering which keys were used, naming keys in errors."""
 
-    def __init__(self, data: Any, where: str, prefix: str = "") -> None:
+    def __init__(self, data: Any, where: str, known: tuple[str, ...], prefix: str = "") -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
         self.data, self.where, self.prefix = data, where, prefix
-        self.used: set[str] = set()
+        # a misspelt key is the likeliest cause of any later error: report it first
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key (known here: {', '.join(known)})")
 
     def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.where}: {self.prefix}{key}: {problem}")
 
     def get(self, key: str, default: Any = attr.NOTHING) -> Any:
-        self.used.add(key)
         if key in self.data and self.data[key] is not None:
             return self.data[key]
         if default is attr.NOTHING:
             raise self.fail(key, "is required")
         return default
 
-    def sub(self, key: str, required: bool = False) -> "_Reader":
+    def sub(self, key: str, known: tuple[str, ...], required: bool = False) -> "_Reader":
         value = self.get(key, attr.NOTHING if required else {})
-        return _Reader(value, self.where, f"{self.prefix}{key}.")
-
-    def finish(self) -> None:
-        unknown = sorted(str(k) for k in self.data if k not in self.used)
-        if unknown:
-            raise self.fail(unknown[0], "unknown key" + (f" (known: {', '.join(sorted(self.used))})" if self.used else ""))
+        return _Reader(value, self.where, known, f"{self.prefix}{key}.")
 
     # typed getters -------------------------------------------------------------------
 
@@ -143,10 +144,8 @@ class _Reader:
         return p if p.is_absolute() else base / p
 
     def tls(self, base: Path) -> TLSFiles:
-        tls = self.sub("tls", required=True)
-        files = TLSFiles(tls.path("certificate", base), tls.path("key", base), tls.path("ca", base))
-        tls.finish()
-        return files
+        tls = self.sub("tls", ("certificate", "key", "ca"), required=True)
+        return TLSFiles(tls.path("certificate", base), tls.path("key", base), tls.path("ca", base))
 
 
 def _load_yaml(path: Path) -> Any:
@@ -197,7 +196,7 @@ def load_manager(path: Path) -> ManagerConfig:
     path = Path(path)
     where = str(path)
     base = path.resolve().parent
-    top = _Reader(_load_yaml(path), where)
+    top = _Reader(_load_yaml(path), where, MANAGER_KEYS)
     identity = top.hostname("identity")
     listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], _endpoint_problem("server"))
     if not listen:
@@ -212,24 +211,20 @@ def load_manager(path: Path) -> ManagerConfig:
         store_path = sqlite_path(store, base)
     except StoreError as e:
         raise top.fail("store", str(e)) from None
-    allow = top.sub("allow")
+    allow = top.sub("allow", ("sensors", "networks"))
     sensors = allow.strings("sensors", ["*"])
     networks = allow.strings("networks", ["0.0.0.0/0", "::/0"], _network)
-    allow.finish()
-    limits = top.sub("limits")
+    limits = top.sub("limits", ("setup_timeout", "max_content_length"))
     setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
     max_len = limits.integer("max_content_length", 1048576, 1, 1 << 30, "octets")
-    limits.finish()
     content_types = top.strings("content_types", [IDEF_ALERT], _media_type)
-    web = top.sub("web")
+    web = top.sub("web", ("listen",))
     web_listen = web.get("listen", None)
     if web_listen is not None:
         web.strings("listen", None, _endpoint_problem("server"))
-    web.finish()
     dial = top.strings("dial", [])
     if dial:
         raise top.fail("dial", "manager-initiated connections are not available in this version of iapd")
-    top.finish()
     return ManagerConfig(
         path=path,
         identity=identity,
@@ -250,7 +245,7 @@ def load_sensor(path: Path) -> SensorConfig:
     path = Path(path)
     where = str(path)
     base = path.resolve().parent
-    top = _Reader(_load_yaml(path), where)
+    top = _Reader(_load_yaml(path), where, SENSOR_KEYS)
     identity = top.hostname("identity")
     manager = top.hostname("manager")
     connect = top.get("connect", None)
@@ -264,13 +259,11 @@ def load_sensor(path: Path) -> SensorConfig:
     tls = top.tls(base)
     spool = top.path("spool", base, None) if top.get("spool", None) is not None else None
     window = top.integer("window", 256, 1, 65536, "alerts")
-    limits = top.sub("limits")
+    limits = top.sub("limits", ("setup_timeout",))
     setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
-    limits.finish()
     inputs = top.get("inputs", [])
     if not isinstance(inputs, list):
         raise top.fail("inputs", f"must be a list, got {inputs!r}")
-    top.finish()
     return SensorConfig(
         path=path, identity=identity, manager=manager, connect=connect, tls=tls,
         window=window, setup_timeout=setup_timeout, spool=spool,

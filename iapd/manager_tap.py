@@ -52,7 +52,8 @@ class Options(usage.Options):
             self.manager_config = load_manager(Path(path))
             self.material = self.manager_config.tls.load(str(path))
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # one line naming the key, without twistd's page of usage text
+            raise SystemExit(f"twistd iap-manager: configuration error: {e}") from None
 
 
 class StoreService(service.Service):

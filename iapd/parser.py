@@ -168,6 +168,14 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+def _partial_terminator(buf: bytearray) -> int:
+    """How many trailing octets of C{buf} could begin a CRLF CRLF."""
+    for n in (3, 2, 1):
+        if buf.endswith(b"\r\n\r\n"[:n]):
+            return n
+    return 0
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Refused:
     """
@@ -216,7 +224,8 @@ class ContentReader:
                 if self._header is None:
                     end = buf.find(b"\r\n\r\n", max(pos, self._scan_from - 3))
                     if end < 0:
-                        if len(buf) - pos > MAX_HEADER_BYTES:
+                        # the last octets may be the start of the CRLF CRLF: not header
+                        if len(buf) - pos - _partial_terminator(buf) > MAX_HEADER_BYTES:
                             self._broken = True
                             yield bad_request(f"content header larger than {MAX_HEADER_BYTES} octets")
                             return

@@ -440,6 +440,26 @@ def test_message_count_is_capped() -> None:
     assert summary["messages"] == MAX_MESSAGES
 
 
+def test_messages_across_parser_chunks() -> None:
+    """Bodies larger than the parser's first chunk: counts and offsets stay right."""
+    padding = "<AdditionalData><string>" + "x" * 5000 + "</string></AdditionalData>"
+    messages = [
+        f'<IDMEF-Message><Alert messageid="m{i}">{padding}</Alert></IDMEF-Message>\n'
+        for i in range(40)
+    ]
+    summary = summarize("".join(messages).encode())
+    assert summary is not None
+    assert summary["messageid"] == "m0"
+    assert summary["messages"] == 40
+
+
+def test_huge_attribute_across_parser_chunks() -> None:
+    """One attribute far larger than a parser chunk is read whole, then capped."""
+    summary = summarize(b'<Alert messageid="' + b"7" * 300_000 + b'"/>')
+    assert summary is not None
+    assert summary["messageid"] == "7" * MAX_CHARS
+
+
 def test_utf8_bom() -> None:
     """A UTF-8 BOM before the declaration is stripped."""
     assert summarize(b"\xef\xbb\xbf" + RFC4765_ALERT) == summarize(RFC4765_ALERT)

@@ -8,3 +8,11 @@ iap_manager = ServiceMaker(
     "IAP/0.2 manager: receives and stores alerts from sensors over TLS",
     "iap-manager",
 )
+
+# Reserved for the roles later versions add; today they stop with a clear message.
+iap_proxy = ServiceMaker(
+    "IAP proxy", "iapd.proxy_tap", "IAP/0.2 proxy: relays sensors to managers across perimeters", "iap-proxy"
+)
+iap_sensor = ServiceMaker(
+    "IAP sensor", "iapd.sensor_tap", "IAP/0.2 sensor daemon: spools and delivers alerts", "iap-sensor"
+)

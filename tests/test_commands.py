@@ -1,0 +1,139 @@
+"""
+The commands as users run them: real processes, real sockets, real files.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from .processes import Daemon, free_port, run
+
+
+@pytest.fixture
+def dev_manager(tmp_path: Path):
+    """The README's first command: a manager with no -c, on a free loopback port."""
+    port = free_port()
+    daemon = Daemon(["iap-manager", "--dev-port", str(port)], tmp_path, {"IAPD_HOME": str(tmp_path / "state")})
+    try:
+        daemon.wait_for("sample alert acknowledged and stored")
+        yield tmp_path / "state", daemon
+    finally:
+        # twistd re-raises the signal that stopped it, so SIGTERM is a clean exit
+        assert daemon.stop() in (0, -signal.SIGTERM), daemon.log()
+        assert "Traceback" not in daemon.log()
+
+
+def test_embedded_default_sends_and_shows_an_alert(dev_manager) -> None:
+    state, daemon = dev_manager
+    log = daemon.log()
+    assert "DEVELOPMENT MODE" in log and "DEVELOPMENT CA" in log
+    assert "classification 'iapd quick start: sample alert', severity low" in log
+    for name in ("manager.yaml", "sensor.yaml", "pki/ca.crt", "pki/localhost.key", "sample-alert.xml", "alerts.db"):
+        assert (state / name).exists(), name
+    assert (state / "pki/localhost.key").stat().st_mode & 0o077 == 0
+    assert "interface=127.0.0.1" in (state / "manager.yaml").read_text()
+
+
+def test_send_then_list(dev_manager, tmp_path: Path) -> None:
+    state, _ = dev_manager
+    (tmp_path / "one.txt").write_bytes(b"first alert")
+    (tmp_path / "two.xml").write_bytes((state / "sample-alert.xml").read_bytes().replace(b"quickstart-1", b"q-2"))
+    sent = run(["iapd.send", "-c", str(state / "sensor.yaml"), str(tmp_path / "one.txt"), str(tmp_path / "two.xml")])
+    assert sent.returncode == 0, sent.stderr
+    assert "one.txt: acknowledged" in sent.stdout and "two.xml: acknowledged" in sent.stdout
+
+    listed = run(["iapd.ctl", "-c", str(state / "manager.yaml"), "alerts", "--json"])
+    assert listed.returncode == 0, listed.stderr
+    alerts = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(alerts) == 3  # the sample from start-up, then ours in order
+    for alert in alerts:
+        assert {"id", "sensor", "received", "content_type", "sha256", "via", "idmef"} <= alert.keys()
+        assert alert["sensor"] == "sensor.localhost" and alert["via"] == []
+    assert alerts[1]["idmef"] is None
+    assert alerts[2]["idmef"]["messageid"] == "iapd-q-2"
+    assert set(alerts[2]["idmef"]) >= {"messageid", "create_time", "classification", "severity", "analyzer", "source", "target"}
+
+    human = run(["iapd.ctl", "-c", str(state / "manager.yaml"), "alerts", "--since", "1h", "--sensor", "sensor.*"])
+    assert human.stdout.count("sensor.localhost") == 3
+    assert run(["iapd.ctl", "-c", str(state / "manager.yaml"), "alerts", "--sensor", "nobody*"]).stdout == ""
+    sensors = run(["iapd.ctl", "-c", str(state / "manager.yaml"), "sensors", "--json"])
+    [sensor] = [json.loads(line) for line in sensors.stdout.splitlines()]
+    assert sensor["sensor"] == "sensor.localhost" and sensor["alerts"] == 3
+
+
+def test_send_from_stdin_and_retransmission(dev_manager) -> None:
+    state, _ = dev_manager
+    for _ in range(2):
+        sent = run(["iapd.send", "-c", str(state / "sensor.yaml"), "-"], stdin=b"same body twice")
+        assert sent.returncode == 0, sent.stderr
+    listed = run(["iapd.ctl", "-c", str(state / "manager.yaml"), "alerts", "--json"])
+    bodies = [json.loads(line)["sha256"] for line in listed.stdout.splitlines()]
+    assert len(bodies) == len(set(bodies)) == 2  # the sample and one copy of ours
+
+
+def test_send_names_each_unacknowledged_alert(dev_manager, tmp_path: Path) -> None:
+    state, _ = dev_manager
+    (tmp_path / "a.txt").write_bytes(b"x")
+    refused = run(["iapd.send", "-c", str(state / "sensor.yaml"), "--content-type", "text/plain", str(tmp_path / "a.txt")])
+    assert refused.returncode == 1
+    assert "a.txt: NOT acknowledged: 415 Unsupported Media Type" in refused.stderr
+    assert "1 of 1 alerts not acknowledged" in refused.stderr
+    missing = run(["iapd.send", "-c", str(state / "sensor.yaml"), str(tmp_path / "absent.txt")])
+    assert missing.returncode == 2 and "absent.txt: cannot read" in missing.stderr
+
+
+def test_send_to_a_manager_that_is_down(tmp_path: Path, dev_manager) -> None:
+    state, _ = dev_manager
+    config = (state / "sensor.yaml").read_text()
+    port = free_port()
+    down = tmp_path / "down.yaml"
+    down.write_text(
+        "\n".join(
+            line if not line.startswith("connect:") else f'connect: "tcp:host=127.0.0.1:port={port}"'
+            for line in config.splitlines()
+        ).replace("pki/", f"{state}/pki/")
+    )
+    (tmp_path / "a.txt").write_bytes(b"x")
+    result = run(["iapd.send", "-c", str(down), str(tmp_path / "a.txt")])
+    assert result.returncode == 1
+    assert "a.txt: NOT acknowledged: cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_configuration_stops_twistd_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text("identity: m.test\nlimits: {setup_timeout: soon}\n")
+    daemon = Daemon(["iap-manager", "-c", str(tmp_path / "m.yaml")], tmp_path)
+    code = daemon.proc.wait(60)
+    daemon.stop()
+    log = daemon.log()
+    assert code == 1
+    assert "configuration error" in log and "tls: is required" in log
+    assert "Traceback" not in log
+
+
+def test_unbindable_port_stops_the_daemon(dev_manager, tmp_path: Path) -> None:
+    state, _ = dev_manager
+    # a second manager on the same port must not run deaf
+    other = tmp_path / "other"
+    other.mkdir()
+    daemon = Daemon(["iap-manager", "-c", str(state / "manager.yaml")], other)
+    code = daemon.proc.wait(60)
+    daemon.stop()
+    assert code != 0
+    assert "Address already in use" in daemon.log() or "CannotListenError" in daemon.log()
+
+
+def test_ctl_errors(tmp_path: Path) -> None:
+    result = run(["iapd.ctl", "-c", str(tmp_path / "none.yaml"), "alerts"])
+    assert result.returncode == 2 and "iapctl: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_reserved_roles_say_so(tmp_path: Path) -> None:
+    daemon = Daemon(["iap-proxy", "-c", "proxy.yaml"], tmp_path)
+    code = daemon.proc.wait(60)
+    daemon.stop(signal.SIGKILL)
+    assert code != 0 and "iap-proxy is not available in this version" in daemon.log()
