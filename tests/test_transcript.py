@@ -4,10 +4,13 @@ The draft's section 5.4 transcript, byte for byte, over real TCP and real TLS.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor, ssl
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 
 from iapd import pki
@@ -16,7 +19,6 @@ from iapd.store import SQLiteStore, read_alerts
 from iapd.tls import client_options, load_material
 
 from .support import ManagerTestCase, RawPeer
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 
 class TranscriptTests(ManagerTestCase):
@@ -26,7 +28,7 @@ class TranscriptTests(ManagerTestCase):
         self.tmp_pki = self.pki.ca.parent
         if not (self.tmp_pki / "M.DOM.ORG.crt").exists():
             pki.issue(self.tmp_pki, "manager", "M.DOM.ORG")
-        self.tmp = __import__("pathlib").Path(self.mktemp())
+        self.tmp = Path(self.mktemp())
         self.tmp.mkdir(parents=True)
         self.db_path = self.tmp / "alerts.db"
         settings = ManagerSettings(
@@ -78,7 +80,7 @@ class TranscriptTests(ManagerTestCase):
         self.assertEqual(alert["sensor"], "sensor1.test")
         self.assertEqual(alert["via"], ["P.DOM.ORG"])
         self.assertEqual(alert["content_type"], "application/x-idef-alert")
-        self.assertEqual(alert["sha256"], __import__("hashlib").sha256(b"\xff" * 64).hexdigest())
+        self.assertEqual(alert["sha256"], hashlib.sha256(b"\xff" * 64).hexdigest())
         self.assertIsNone(alert["idmef"])
 
         # termination: our close_notify is answered and the connection ends cleanly
