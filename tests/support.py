@@ -5,6 +5,7 @@ and a raw byte-level peer that can start real TLS when a test tells it to.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -120,6 +121,16 @@ class ManagerTestCase(unittest.TestCase):
     @classmethod
     def tearDownClass(cls) -> None:
         cls._pki_dir.cleanup()
+
+    def mktemp(self) -> str:
+        """
+        A fresh path in the system temporary directory, removed after the test: trial's
+        default is relative to the working directory, which under pytest is the
+        repository itself.
+        """
+        directory = tempfile.mkdtemp(prefix="iapd-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return f"{directory}/temp"
 
     @inlineCallbacks
     def setUp(self) -> Any:

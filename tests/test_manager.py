@@ -80,6 +80,7 @@ class ManagerCase(ManagerTestCase):
 
     timeout = 45
 
+
     @inlineCallbacks
     def expect(self, peer: RawPeer, expected: bytes) -> Any:
         """Wait for len(expected) octets and check they are exactly C{expected}."""
@@ -123,12 +124,12 @@ class ManagerCase(ManagerTestCase):
         yield self.expect(peer, OK)
 
     @inlineCallbacks
-    def assert_kept(self, peer: RawPeer, stored_before: list[bytes] = []) -> Any:
+    def assert_kept(self, peer: RawPeer) -> Any:
         """The connection still carries alerts: a valid one is answered 200 and stored."""
         self.assertTrue(peer.connected_)
         yield self.send_alert(peer, b"alert after the refusal")
         self.assertTrue(peer.connected_)
-        self.assertEqual(self.bodies(), stored_before + [b"alert after the refusal"])
+        self.assertEqual(self.bodies(), [b"alert after the refusal"])
 
     def bodies(self) -> list[bytes]:
         return [a["body"] for a in self.stored()]
@@ -369,6 +370,15 @@ class SetupDeadlineTests(ManagerCase):
         self.assert_nothing_stored()
 
     @inlineCallbacks
+    def test_stalled_after_101(self) -> Any:
+        """101 received but no TLS handshake ever started: closed by the deadline."""
+        peer = yield self.after_connect()
+        peer.transport.write(UPGRADE)
+        yield self.expect(peer, S101)
+        yield self.assert_closed_after(peer, b"")
+        self.assert_nothing_stored()
+
+    @inlineCallbacks
     def test_stalled_after_tls(self) -> Any:
         """TLS done but no version verify: the setup deadline still applies."""
         peer = yield self.tls_peer()
@@ -499,6 +509,16 @@ class VerifyTests(ManagerCase):
         self.assert_nothing_stored()
 
     @inlineCallbacks
+    def test_verify_ack_with_reason_phrase(self) -> Any:
+        """DESIGN 2: a reason phrase after a status code is accepted (here, the sensor's 200)."""
+        peer = yield self.tls_peer()
+        peer.transport.write(VERIFY)
+        yield self.expect(peer, OK + SERVER_VERIFY)
+        peer.transport.write(b"IAP/0.2 200 OK\r\n\r\n")
+        yield self.send_alert(peer, b"after a 200 with a reason phrase")
+        self.assertEqual(self.bodies(), [b"after a 200 with a reason phrase"])
+
+    @inlineCallbacks
     def test_client_refuses_server_verify(self) -> Any:
         """The sensor answers 505 to our verify: close, nothing stored."""
         peer = yield self.tls_peer()
@@ -556,6 +576,32 @@ class DataPhaseTests(ManagerCase):
         peer.transport.write(b"Content-Type: application/x-idef-alert\r\nContent-Length: -4\r\n\r\nbody\r\n\r\n")
         yield self.assert_closed_after(peer, S400)
         self.assert_nothing_stored()
+
+    @inlineCallbacks
+    def test_content_length_given_twice(self) -> Any:
+        peer = yield self.ready_peer()
+        peer.transport.write(
+            b"Content-Type: application/x-idef-alert\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nbody\r\n\r\n"
+        )
+        yield self.assert_closed_after(peer, S400)
+        self.assert_nothing_stored()
+
+    @inlineCallbacks
+    def test_header_block_without_end(self) -> Any:
+        """Header octets beyond the limit with no empty line: 400 and close, no waiting."""
+        peer = yield self.ready_peer()
+        padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 900) for i in range(10))
+        self.assertGreater(len(padding), 8192)
+        peer.transport.write(b"Content-Type: application/x-idef-alert\r\n" + padding)
+        yield self.assert_closed_after(peer, S400)
+        self.assert_nothing_stored()
+
+    @inlineCallbacks
+    def test_header_names_case_insensitive(self) -> Any:
+        peer = yield self.ready_peer()
+        peer.transport.write(b"content-type: application/x-idef-alert\r\nCONTENT-LENGTH: 4\r\n\r\nbody\r\n\r\n")
+        yield self.expect(peer, OK)
+        self.assertEqual(self.bodies(), [b"body"])
 
     @inlineCallbacks
     def test_body_not_followed_by_crlf_crlf(self) -> Any:
