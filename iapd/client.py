@@ -311,19 +311,15 @@ class SensorFactory(Factory):
         return self._tls
 
 
-def deliver(
-    reactor: Any, endpoint: Any, settings: SensorSettings, alerts: Sequence[tuple[str, bytes]]
-) -> Deferred[list[Outcome]]:
+def deliver_on(proto: SensorProtocol, alerts: Sequence[tuple[str, bytes]]) -> Deferred[list[Outcome]]:
     """
-    Connect once, deliver C{alerts} (content type, body) pipelined, close.
+    Deliver C{alerts} over a connection that is being set up, then close it.
 
-    Fires with one L{Outcome} per alert, in order; never fails: a connection that could
-    not be made or set up gives every alert an outcome naming the reason.
+    Fires with one L{Outcome} per alert, in order; never fails: a setup that was
+    refused gives every alert an outcome naming the status code and the reason.
     """
-    factory = SensorFactory(settings, reactor)
-    connecting = endpoint.connect(factory)
 
-    def connected(proto: SensorProtocol) -> Deferred[list[Outcome]]:
+    def connected(_: Any) -> Deferred[list[Outcome]]:
         sends = [proto.send(ct, body) for ct, body in alerts]
         gathered = DeferredList(sends, consumeErrors=True) if sends else succeed([])
 
@@ -335,14 +331,64 @@ def deliver(
 
         return gathered.addCallback(done)
 
+    def refused(failure: Failure) -> Deferred[list[Outcome]]:
+        outcome = Outcome(getattr(failure.value, "code", None), str(failure.value))
+        return proto.closed.addCallback(lambda _: [outcome for _ in alerts])
+
+    return proto.ready.addCallbacks(connected, refused)
+
+
+def deliver(
+    reactor: Any, endpoint: Any, settings: SensorSettings, alerts: Sequence[tuple[str, bytes]]
+) -> Deferred[list[Outcome]]:
+    """Connect once through C{endpoint}, deliver C{alerts} pipelined, close."""
+    factory = SensorFactory(settings, reactor)
+
     def unreachable(failure: Failure) -> list[Outcome]:
         why = failure.getErrorMessage()
         return [Outcome(None, f"cannot connect: {why}") for _ in alerts]
 
-    def setup(proto: SensorProtocol) -> Deferred[Any]:
-        return proto.ready.addCallbacks(
-            lambda _: connected(proto),
-            lambda f: proto.closed.addCallback(lambda _: [Outcome(getattr(f.value, "code", None), str(f.value)) for _ in alerts]),
-        )
+    return endpoint.connect(factory).addCallbacks(lambda proto: deliver_on(proto, alerts), unreachable)
 
-    return connecting.addCallbacks(setup, unreachable)
+
+class _InboundFactory(SensorFactory):
+    """Serves the first inbound connection; refuses others while that one works."""
+
+    def __init__(self, settings: SensorSettings, reactor: Any) -> None:
+        super().__init__(settings, reactor)
+        self.first: Deferred[SensorProtocol] = Deferred()
+
+    def buildProtocol(self, addr: Any) -> SensorProtocol | None:  # type: ignore[override]
+        if self.first.called:
+            return None
+        proto = super().buildProtocol(addr)
+        self.first.callback(proto)
+        return proto
+
+
+def deliver_inbound(
+    reactor: Any, endpoint: Any, settings: SensorSettings, alerts: Sequence[tuple[str, bytes]], wait: float
+) -> Deferred[list[Outcome]]:
+    """
+    Listen on C{endpoint} until a manager dials in (draft 6.1), then deliver over that
+    connection.  The sensor still speaks first and is still the TLS client.
+    """
+    factory = _InboundFactory(settings, reactor)
+
+    def listening(port: Any) -> Deferred[list[Outcome]]:
+        first = factory.first
+        first.addTimeout(wait, reactor)
+
+        def stop_listening(result: Any) -> Deferred[Any]:
+            return port.stopListening().addCallback(lambda _: result)
+
+        def no_manager(failure: Failure) -> list[Outcome]:
+            return [Outcome(None, f"no manager connected within {wait:g}s") for _ in alerts]
+
+        d = first.addCallbacks(lambda proto: deliver_on(proto, alerts), no_manager)
+        return d.addBoth(stop_listening)
+
+    def cannot_listen(failure: Failure) -> list[Outcome]:
+        return [Outcome(None, f"cannot listen: {failure.getErrorMessage()}") for _ in alerts]
+
+    return endpoint.listen(factory).addCallbacks(listening, cannot_listen)

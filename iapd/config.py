@@ -59,6 +59,17 @@ class ManagerConfig:
     max_content_length: int
     content_types: frozenset[str]
     web_listen: str | None
+    dial: tuple[str, ...] = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ProxyConfig:
+    path: Path
+    identity: str
+    listen: tuple[str, ...]
+    routes: tuple[tuple[str, str], ...]
+    allow_networks: tuple[Any, ...]
+    setup_timeout: float
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -67,6 +78,7 @@ class SensorConfig:
     identity: str
     manager: str
     connect: str | None
+    listen: str | None
     tls: TLSFiles
     window: int
     setup_timeout: float
@@ -74,6 +86,7 @@ class SensorConfig:
 
 
 MANAGER_KEYS = ("identity", "listen", "tls", "store", "allow", "limits", "content_types", "web", "dial")
+PROXY_KEYS = ("identity", "listen", "routes", "allow", "limits")
 SENSOR_KEYS = ("identity", "manager", "connect", "listen", "tls", "spool", "window", "limits", "inputs")
 
 
@@ -222,9 +235,7 @@ def load_manager(path: Path) -> ManagerConfig:
     web_listen = web.get("listen", None)
     if web_listen is not None:
         web.strings("listen", None, _endpoint_problem("server"))
-    dial = top.strings("dial", [])
-    if dial:
-        raise top.fail("dial", "manager-initiated connections are not available in this version of iapd")
+    dial = top.strings("dial", [], _endpoint_problem("client"))
     return ManagerConfig(
         path=path,
         identity=identity,
@@ -238,6 +249,7 @@ def load_manager(path: Path) -> ManagerConfig:
         max_content_length=max_len,
         content_types=frozenset(t.lower() for t in content_types),
         web_listen=web_listen,
+        dial=dial,
     )
 
 
@@ -253,9 +265,9 @@ def load_sensor(path: Path) -> SensorConfig:
         top.strings("connect", None, _endpoint_problem("client"))
     listen = top.get("listen", None)
     if listen is not None:
-        raise top.fail("listen", "manager-initiated connections are not available in this version of iapd")
-    if connect is None:
-        raise top.fail("connect", "is required (the first hop: the manager or a proxy)")
+        top.strings("listen", None, _endpoint_problem("server"))
+    if connect is None and listen is None:
+        raise top.fail("connect", "is required unless listen is set (the first hop: the manager or a proxy)")
     tls = top.tls(base)
     spool = top.path("spool", base, None) if top.get("spool", None) is not None else None
     window = top.integer("window", 256, 1, 65536, "alerts")
@@ -265,6 +277,42 @@ def load_sensor(path: Path) -> SensorConfig:
     if not isinstance(inputs, list):
         raise top.fail("inputs", f"must be a list, got {inputs!r}")
     return SensorConfig(
-        path=path, identity=identity, manager=manager, connect=connect, tls=tls,
+        path=path, identity=identity, manager=manager, connect=connect, listen=listen, tls=tls,
         window=window, setup_timeout=setup_timeout, spool=spool,
+    )
+
+
+def load_proxy(path: Path) -> ProxyConfig:
+    path = Path(path)
+    where = str(path)
+    top = _Reader(_load_yaml(path), where, PROXY_KEYS)
+    identity = top.hostname("identity")
+    listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], _endpoint_problem("server"))
+    if not listen:
+        raise top.fail("listen", "must name at least one endpoint")
+    raw_routes = top.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise top.fail("routes", "must be a non-empty list of {match: GLOB, upstream: ENDPOINT}; "
+                       "a proxy without routes would refuse everything")
+    routes = []
+    for i, item in enumerate(raw_routes):
+        route = _Reader(item, where, ("match", "upstream"), f"routes[{i}].")
+        match = route.get("match")
+        if not isinstance(match, str) or not match:
+            raise route.fail("match", f"must be a host glob such as '*.example.org', got {match!r}")
+        upstream = route.strings("upstream", attr.NOTHING, _endpoint_problem("client"))
+        if len(upstream) != 1:
+            raise route.fail("upstream", "must be one client endpoint string")
+        routes.append((match, upstream[0]))
+    allow = top.sub("allow", ("networks",))
+    networks = allow.strings("networks", ["0.0.0.0/0", "::/0"], _network)
+    limits = top.sub("limits", ("setup_timeout",))
+    setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
+    return ProxyConfig(
+        path=path,
+        identity=identity,
+        listen=listen,
+        routes=tuple(routes),
+        allow_networks=tuple(ipaddress.ip_network(n, strict=False) for n in networks),
+        setup_timeout=setup_timeout,
     )

@@ -20,6 +20,7 @@ connection is dropped without answering.  The whole setup has one deadline.
 from __future__ import annotations
 
 import collections
+import copy
 import fnmatch
 import ipaddress
 import itertools
@@ -47,6 +48,21 @@ MAX_IN_FLIGHT = 4096
 MAX_IN_FLIGHT_BYTES = 32 * 1024 * 1024
 
 
+def network_allowed(networks: tuple[Any, ...], host: str) -> bool:
+    """
+    Whether a peer address lies in one of C{networks}; IPv4-mapped IPv6 addresses
+    count as the IPv4 address they carry, so a dual-stack listener cannot be used to
+    slip past an IPv4 allow-list.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks if net.version == address.version)
+
+
 @attr.s(auto_attribs=True)
 class ManagerSettings:
     """What a manager needs to answer connections; built from manager.yaml."""
@@ -60,13 +76,7 @@ class ManagerSettings:
     content_types: frozenset[str] = frozenset([m.IDEF_ALERT])
 
     def network_allowed(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.allow_networks if net.version == address.version)
+        return network_allowed(self.allow_networks, host)
 
     def sensor_allowed(self, identity: str) -> bool:
         return any(fnmatch.fnmatchcase(identity, p.lower()) for p in self.allow_sensors)
@@ -131,7 +141,7 @@ class ManagerProtocol(LineReceiver):
         except (AttributeError, OSError):
             pass
         self.log.info("connection {conn} from {peer}", conn=self.conn_id, peer=self.peer)
-        if self.peer_host and not f.settings.network_allowed(self.peer_host):
+        if not f.dialing and self.peer_host and not f.settings.network_allowed(self.peer_host):
             self._fail(WireError(403, f"source address {self.peer_host} is outside allow.networks"))
             return
         f.urgent.watch(self.transport, self._urgent)
@@ -423,6 +433,10 @@ class ManagerFactory(ServerFactory):
     protocol = ManagerProtocol
     noisy = False
 
+    dialing = False
+    """True for connections the manager opened itself (draft 6.1): their peer is an
+    address the operator configured, so C{allow.networks} does not apply."""
+
     def __init__(self, settings: ManagerSettings, store: Any, reactor: Any) -> None:
         self.settings = settings
         self.store = store
@@ -432,6 +446,12 @@ class ManagerFactory(ServerFactory):
         self._ids = itertools.count(1)
         self._tls: Any = None
         self._tls_for: TLSMaterial | None = None
+
+    def for_dialing(self) -> "ManagerFactory":
+        """A factory for outgoing connections sharing this one's state and counters."""
+        twin = copy.copy(self)
+        twin.dialing = True
+        return twin
 
     def next_connection_id(self) -> int:
         return next(self._ids)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
@@ -152,13 +152,21 @@ def makeService(options: Options) -> service.IService:
         # a port that cannot be bound must stop the daemon, not leave it running deaf
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
+    for text in config.dial:
+        # draft 6.1: the manager opens the TCP connection, the sensor still speaks first
+        dialer = ClientService(
+            endpoints.clientFromString(reactor, text), factory.for_dialing(),
+            retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0),
+        )
+        dialer.setServiceParent(top)
     if config.web_listen:
         log.warn("web.listen is set, but the dashboard is not part of this version; nothing listens there")
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)
     log.info(
-        "manager {identity}: listening on {listen}, store {store}, setup timeout {t}s, max content {n} octets",
-        identity=config.identity, listen=list(config.listen), store=str(config.store_path),
+        "manager {identity}: listening on {listen}, dialing {dial}, store {store}, setup timeout {t}s,"
+        " max content {n} octets",
+        identity=config.identity, listen=list(config.listen), dial=list(config.dial), store=str(config.store_path),
         t=config.setup_timeout, n=config.max_content_length,
     )
     return top

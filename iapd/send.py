@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail
 
-from .client import Outcome, SensorSettings, deliver
+from .client import Outcome, SensorSettings, deliver, deliver_inbound
 from .config import ConfigError, load_sensor
 from .errors import REASONS
 from .messages import IDEF_ALERT
@@ -39,7 +39,7 @@ def _read_alerts(files: Sequence[str]) -> list[tuple[str, bytes]]:
 
 
 def send_files(
-    reactor: Any, config_path: Path, files: Sequence[str], content_type: str = IDEF_ALERT
+    reactor: Any, config_path: Path, files: Sequence[str], content_type: str = IDEF_ALERT, wait: float = 60.0
 ) -> Deferred[list[tuple[str, Outcome]]]:
     """Read C{files} and deliver them with the sensor configuration at C{config_path}."""
     try:
@@ -51,9 +51,13 @@ def send_files(
     settings = SensorSettings(
         manager=config.manager, material=material, window=config.window, setup_timeout=config.setup_timeout
     )
-    assert config.connect is not None
-    endpoint = endpoints.clientFromString(reactor, config.connect)
-    d = deliver(reactor, endpoint, settings, [(content_type, body) for _, body in alerts])
+    bodies = [(content_type, body) for _, body in alerts]
+    if config.connect is not None:
+        d = deliver(reactor, endpoints.clientFromString(reactor, config.connect), settings, bodies)
+    else:
+        # listen only: the manager dials in (draft 6.1)
+        assert config.listen is not None
+        d = deliver_inbound(reactor, endpoints.serverFromString(reactor, config.listen), settings, bodies, wait)
     return d.addCallback(lambda outcomes: [(name, o) for (name, _), o in zip(alerts, outcomes)])
 
 
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-c", "--config", required=True, help="the sensor's YAML configuration (sensor.yaml)")
     parser.add_argument("--content-type", default=IDEF_ALERT, help=f"Content-Type of every alert (default {IDEF_ALERT})")
+    parser.add_argument(
+        "--wait", type=float, default=60.0,
+        help="with only 'listen' configured: seconds to wait for the manager to connect (default 60)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing for acknowledged alerts")
     parser.add_argument("files", nargs="+", metavar="FILE", help="alert files; - reads one alert from standard input")
     args = parser.parse_args(argv)
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, int] = {}
 
     def run(reactor: Any) -> Deferred[None]:
-        d = send_files(reactor, Path(args.config), args.files, args.content_type)
+        d = send_files(reactor, Path(args.config), args.files, args.content_type, args.wait)
 
         def report(results: list[tuple[str, Outcome]]) -> None:
             missing = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from iapd.config import ConfigError, load_manager, load_sensor
+from iapd.config import ConfigError, load_manager, load_proxy, load_sensor
 
 from .certs import make_test_pki
 
@@ -91,7 +91,7 @@ BAD_MANAGER = [
     ("max_content_length: 4096", "max_content_length: -1", "limits.max_content_length: must be a whole number"),
     ("max_content_length: 4096", "max_content_length: 1.5", "limits.max_content_length: must be a whole number"),
     ("identity: manager.test\n", "identity: manager.test\nidentiy: x\n", "identiy: unknown key"),
-    ("identity: manager.test\n", "identity: manager.test\ndial: ['tcp:host=a:port=1']\n", "dial: manager-initiated"),
+    ("identity: manager.test\n", "identity: manager.test\ndial: ['tcp:nohost']\n", "dial: 'tcp:nohost': not a Twisted client endpoint"),
     ("identity: manager.test\n", "identity: manager.test\ncontent_types: [nope]\n", "content_types: 'nope': not a media type"),
     ("identity: manager.test\n", "identity: manager.test\nweb: {listen: 'zz:9'}\n", "web.listen: 'zz:9': not a Twisted server endpoint"),
 ]
@@ -138,11 +138,11 @@ def test_good_sensor(tmp_path: Path, pki_dir: Path) -> None:
 
 BAD_SENSOR = [
     ("manager: manager.test\n", "", "manager: is required"),
-    ('connect: "tcp:host=127.0.0.1:port=5603"\n', "", "connect: is required"),
+    ('connect: "tcp:host=127.0.0.1:port=5603"\n', "", "connect: is required unless listen is set"),
     ('connect: "tcp:host=127.0.0.1:port=5603"', 'connect: "tcp:nohost"', "connect: 'tcp:nohost': not a Twisted client endpoint"),
     ("window: 64", "window: 0", "window: must be a whole number of alerts from 1 to 65536"),
     ("window: 64", "window: many", "window: must be a whole number"),
-    ("window: 64", "window: 64\nlisten: 'tcp:5603'", "listen: manager-initiated connections are not available"),
+    ("window: 64", "window: 64\nlisten: 'zz:5603'", "listen: 'zz:5603': not a Twisted server endpoint"),
     ("window: 64", "window: 64\nlimits: {setup_timeout: -3}", "limits.setup_timeout: must be a number"),
     ("window: 64", "window: 64\ninputs: {type: directory}", "inputs: must be a list"),
 ]
@@ -153,4 +153,52 @@ def test_bad_sensor(tmp_path: Path, pki_dir: Path, old: str, new: str, message: 
     assert old in GOOD_SENSOR
     with pytest.raises(ConfigError) as info:
         load_sensor(write(tmp_path, pki_dir, GOOD_SENSOR.replace(old, new)))
+    assert message in str(info.value)
+
+
+def test_sensor_may_listen_instead_of_connect(tmp_path: Path, pki_dir: Path) -> None:
+    text = GOOD_SENSOR.replace('connect: "tcp:host=127.0.0.1:port=5603"', 'listen: "tcp:5604:interface=127.0.0.1"')
+    config = load_sensor(write(tmp_path, pki_dir, text))
+    assert (config.connect, config.listen) == (None, "tcp:5604:interface=127.0.0.1")
+
+
+def test_manager_dial(tmp_path: Path, pki_dir: Path) -> None:
+    text = GOOD_MANAGER + 'dial: ["tcp:host=127.0.0.1:port=5604"]\n'
+    assert load_manager(write(tmp_path, pki_dir, text)).dial == ("tcp:host=127.0.0.1:port=5604",)
+
+
+GOOD_PROXY = """\
+identity: proxy.test
+listen: ["tcp:0:interface=127.0.0.1"]
+routes:
+  - {match: "*.test", upstream: "tcp:host=127.0.0.1:port=5603"}
+allow: {networks: ["127.0.0.0/8"]}
+limits: {setup_timeout: 3}
+"""
+
+
+def test_good_proxy(tmp_path: Path, pki_dir: Path) -> None:
+    config = load_proxy(write(tmp_path, pki_dir, GOOD_PROXY))
+    assert config.routes == (("*.test", "tcp:host=127.0.0.1:port=5603"),)
+    assert config.setup_timeout == 3.0
+
+
+BAD_PROXY = [
+    ("identity: proxy.test\n", "", "identity: is required"),
+    ('  - {match: "*.test", upstream: "tcp:host=127.0.0.1:port=5603"}\n', "", "routes: is required"),
+    ('routes:\n  - {match: "*.test", upstream: "tcp:host=127.0.0.1:port=5603"}\n', "routes: []\n", "routes: must be a non-empty list"),
+    ('{match: "*.test", ', "{", "routes[0].match: is required"),
+    ('upstream: "tcp:host=127.0.0.1:port=5603"', 'upstream: "tcp:5603"', "routes[0].upstream: 'tcp:5603': not a Twisted client endpoint"),
+    ('match: "*.test"', 'match: "*.test", via: x', "routes[0].via: unknown key"),
+    ('networks: ["127.0.0.0/8"]', 'networks: ["nowhere"]', "allow.networks: 'nowhere': not a network"),
+    ("setup_timeout: 3", "setup_timeout: 0", "limits.setup_timeout: must be a number"),
+    ("allow: {networks", "allow: {sensors: ['*'], networks", "allow.sensors: unknown key"),
+]
+
+
+@pytest.mark.parametrize("old,new,message", BAD_PROXY, ids=[m for _, _, m in BAD_PROXY])
+def test_bad_proxy(tmp_path: Path, pki_dir: Path, old: str, new: str, message: str) -> None:
+    assert old in GOOD_PROXY
+    with pytest.raises(ConfigError) as info:
+        load_proxy(write(tmp_path, pki_dir, GOOD_PROXY.replace(old, new)))
     assert message in str(info.value)

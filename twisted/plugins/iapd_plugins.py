@@ -9,10 +9,11 @@ iap_manager = ServiceMaker(
     "iap-manager",
 )
 
-# Reserved for the roles later versions add; today they stop with a clear message.
 iap_proxy = ServiceMaker(
     "IAP proxy", "iapd.proxy_tap", "IAP/0.2 proxy: relays sensors to managers across perimeters", "iap-proxy"
 )
+
+# Reserved for the sensor daemon of a later version; today it stops with a clear message.
 iap_sensor = ServiceMaker(
     "IAP sensor", "iapd.sensor_tap", "IAP/0.2 sensor daemon: spools and delivers alerts", "iap-sensor"
 )
