@@ -65,13 +65,14 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSSetupError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def load_material(certificate: Path, key: Path, ca: Path) -> TLSMaterial:
+def load_material(certificate: Path | str, key: Path | str, ca: Path | str) -> TLSMaterial:
     """
     Load and cross-check a role's TLS files, failing with one clear sentence.
 
     The key is checked against the certificate here, at start, because OpenSSL would
     otherwise report the mismatch only at the first handshake, as an opaque error.
     """
+    certificate, key, ca = Path(certificate), Path(key), Path(ca)
     cert_pem = _read(certificate, "certificate")
     try:
         certs = x509.load_pem_x509_certificates(cert_pem)
