@@ -173,7 +173,8 @@ class SensorProtocol(LineReceiver):
         LineReceiver.dataReceived(self, data)
         if self.state == ClientState.UPGRADE_ACCEPTED:
             self.state = ClientState.HANDSHAKE
-            self.transport.startTLS(self.factory.tls_options())
+            # the sensor is the TLS client even on a connection the manager dialed
+            self.transport.startTLS(self.factory.tls_options(), normal=not self.factory.inbound)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.state == ClientState.UPGRADE_ACCEPTED:
@@ -294,6 +295,8 @@ class SensorFactory(Factory):
     """Builds sensor connections; keeps one TLS client context for all of them."""
 
     noisy = False
+    inbound = False
+    """True when the manager opened the TCP connections this factory serves."""
 
     def __init__(self, settings: SensorSettings, reactor: Any) -> None:
         self.settings = settings
@@ -332,7 +335,11 @@ def deliver_on(proto: SensorProtocol, alerts: Sequence[tuple[str, bytes]]) -> De
         return gathered.addCallback(done)
 
     def refused(failure: Failure) -> Deferred[list[Outcome]]:
-        outcome = Outcome(getattr(failure.value, "code", None), str(failure.value))
+        value = failure.value
+        if isinstance(value, IAPFailure):
+            outcome = Outcome(value.code, value.reason)
+        else:
+            outcome = Outcome(None, str(value))
         return proto.closed.addCallback(lambda _: [outcome for _ in alerts])
 
     return proto.ready.addCallbacks(connected, refused)
@@ -353,6 +360,8 @@ def deliver(
 
 class _InboundFactory(SensorFactory):
     """Serves the first inbound connection; refuses others while that one works."""
+
+    inbound = True
 
     def __init__(self, settings: SensorSettings, reactor: Any) -> None:
         super().__init__(settings, reactor)

@@ -216,7 +216,8 @@ class ManagerProtocol(LineReceiver):
         if self.state == State.UPGRADE_REQUESTED:
             self.state = State.HANDSHAKE
             self.transport.write(m.status(101))
-            self.transport.startTLS(self.factory.tls_options())
+            # the manager is the TLS server even on a connection it dialed (draft 6.1)
+            self.transport.startTLS(self.factory.tls_options(), normal=not self.factory.dialing)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.state == State.DATA:

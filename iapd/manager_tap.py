@@ -14,8 +14,10 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
 from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from . import devmode
 from .config import ConfigError, ManagerConfig, load_manager
@@ -127,6 +129,31 @@ class DevelopmentBanner(service.Service):
         d.addCallbacks(sent, lambda f: log.failure("sample alert failed", f))
 
 
+@implementer(IStreamClientEndpoint)
+class DialEndpoint:
+    """A dial target that says in the log which target failed and why."""
+
+    def __init__(self, text: str, endpoint: Any) -> None:
+        self.text = text
+        self.endpoint = endpoint
+
+    def connect(self, factory: Any) -> Any:
+        d = self.endpoint.connect(factory)
+
+        def failed(failure: Any) -> Any:
+            log.warn("dial {target}: {why}; retrying with backoff", target=self.text, why=failure.getErrorMessage())
+            return failure
+
+        def connected(proto: Any) -> Any:
+            log.info("dial {target}: connected", target=self.text)
+            return proto
+
+        return d.addCallbacks(connected, failed)
+
+    def __repr__(self) -> str:
+        return f"<dial {self.text}>"
+
+
 def settings_from(config: ManagerConfig, material: Any) -> ManagerSettings:
     return ManagerSettings(
         identity=config.identity,
@@ -155,7 +182,7 @@ def makeService(options: Options) -> service.IService:
     for text in config.dial:
         # draft 6.1: the manager opens the TCP connection, the sensor still speaks first
         dialer = ClientService(
-            endpoints.clientFromString(reactor, text), factory.for_dialing(),
+            DialEndpoint(text, endpoints.clientFromString(reactor, text)), factory.for_dialing(),
             retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0),
         )
         dialer.setServiceParent(top)

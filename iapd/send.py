@@ -65,7 +65,9 @@ def describe_outcome(outcome: Outcome) -> str:
     """C{415 Unsupported Media Type}, or the reason when no status code came back."""
     if outcome.code is None:
         return outcome.reason or "no answer"
-    phrase = outcome.reason or REASONS.get(outcome.code, "")
+    phrase = REASONS.get(outcome.code, "")
+    if outcome.reason and outcome.reason != phrase:
+        phrase = f"{phrase}: {outcome.reason}" if phrase else outcome.reason
     return f"{outcome.code} {phrase}".rstrip()
 
 

@@ -133,7 +133,21 @@ def test_ctl_errors(tmp_path: Path) -> None:
 
 
 def test_reserved_roles_say_so(tmp_path: Path) -> None:
-    daemon = Daemon(["iap-proxy", "-c", "proxy.yaml"], tmp_path)
+    daemon = Daemon(["iap-sensor", "-c", "sensor.yaml"], tmp_path)
     code = daemon.proc.wait(60)
     daemon.stop(signal.SIGKILL)
-    assert code != 0 and "iap-proxy is not available in this version" in daemon.log()
+    assert code != 0 and "iap-sensor is not available in this version" in daemon.log()
+
+
+def test_proxy_needs_its_configuration(tmp_path: Path) -> None:
+    daemon = Daemon(["iap-proxy"], tmp_path)
+    code = daemon.proc.wait(60)
+    daemon.stop(signal.SIGKILL)
+    assert code != 0 and "-c proxy.yaml is required" in daemon.log()
+    (tmp_path / "p.yaml").write_text("identity: p.test\nroutes: []\n")
+    daemon = Daemon(["iap-proxy", "-c", str(tmp_path / "p.yaml")], tmp_path)
+    code = daemon.proc.wait(60)
+    daemon.stop(signal.SIGKILL)
+    log = daemon.log()
+    assert code == 1 and "configuration error" in log and "routes: must be a non-empty list" in log
+    assert "Traceback" not in log

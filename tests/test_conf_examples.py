@@ -7,10 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
-
 from iapd import pki
-from iapd.config import load_manager, load_sensor
+from iapd.config import load_manager, load_proxy, load_sensor
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -42,6 +40,15 @@ def test_sensor_example(tmp_path: Path) -> None:
     assert config.tls.load("sensor.yaml").identity == "sensor1.example.org"
 
 
-def test_proxy_example_has_the_design_keys() -> None:
-    data = yaml.safe_load((CONF / "proxy.yaml").read_text())
-    assert set(data) == {"identity", "listen", "routes", "allow", "limits"}
+def test_proxy_examples() -> None:
+    for path in [CONF / "proxy.yaml", *sorted((CONF / "two-perimeters").glob("*proxy.yaml"))]:
+        config = load_proxy(path)
+        assert config.routes, path
+
+
+def test_two_perimeter_sensor(tmp_path: Path) -> None:
+    _with_certificates(tmp_path, "sensor1.branch.example.net", "sensor", "sensor1")
+    shutil.copy(CONF / "two-perimeters" / "sensor.yaml", tmp_path / "sensor.yaml")
+    config = load_sensor(tmp_path / "sensor.yaml")
+    assert config.manager == "manager.soc.example.net"
+    assert config.tls.load("sensor.yaml").identity == "sensor1.branch.example.net"
