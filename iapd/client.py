@@ -28,7 +28,7 @@ from zope.interface import implementer
 from . import messages as m
 from .errors import IAPFailure, WireError
 from .parser import MAX_LINE, MAX_SETUP_LINES, describe, parse_setup
-from .roles import IAP_ALERT_CONSUMER, ROLE_NAMES, has_role
+from .roles import IAP_ALERT_CONSUMER, role_problem
 from .tls import TLSMaterial, client_options, peer_certificate
 
 
@@ -187,8 +187,9 @@ class SensorProtocol(LineReceiver):
         if self.state != ClientState.HANDSHAKE:
             return
         cert = peer_certificate(self.transport)
-        if cert is None or not has_role(cert, IAP_ALERT_CONSUMER):
-            self._abort(IAPFailure(f"manager certificate lacks {ROLE_NAMES[IAP_ALERT_CONSUMER]} in a critical EKU"))
+        problem = "is missing" if cert is None else role_problem(cert, IAP_ALERT_CONSUMER)
+        if problem is not None:
+            self._abort(IAPFailure(f"manager certificate {problem}"))
             return
         self.state = ClientState.VERIFY_SENT
         self.transport.write(m.VersionVerify(m.PROTOCOL, m.IAP_VERSION, sender=True).to_bytes())

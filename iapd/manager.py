@@ -36,7 +36,7 @@ from zope.interface import implementer
 from . import messages as m
 from .errors import WireError, bad_request
 from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe, parse_setup
-from .roles import IAP_ALERT_GENERATOR, ROLE_NAMES, has_role, identity_of
+from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
 from .store import AlertRecord
 from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options
 from .urgent import UrgentDataWatcher
@@ -241,13 +241,12 @@ class ManagerProtocol(LineReceiver):
         if cert is None:
             self._fail(WireError(403, "no client certificate"))
             return
+        problem = role_problem(cert, IAP_ALERT_GENERATOR)
+        if problem is not None:
+            self._fail(WireError(403, f"client certificate {cert.subject.rfc4514_string()!r} {problem}"))
+            return
         identity = identity_of(cert)
-        if not has_role(cert, IAP_ALERT_GENERATOR):
-            self._fail(WireError(403, f"certificate of {identity!r} lacks {ROLE_NAMES[IAP_ALERT_GENERATOR]} in a critical EKU"))
-            return
-        if identity is None:
-            self._fail(WireError(403, "client certificate names no DNS SAN and no CN"))
-            return
+        assert identity is not None
         if not self.factory.settings.sensor_allowed(identity):
             self._fail(WireError(403, f"sensor {identity!r} is not in allow.sensors"))
             return

@@ -10,6 +10,8 @@ an unknown critical extension outright, so EKU is the only form stock TLS stacks
 
 from __future__ import annotations
 
+import re
+
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -58,9 +60,27 @@ def has_role(cert: x509.Certificate, role: x509.ObjectIdentifier) -> bool:
     return ext.critical and role in ext.value
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\Z")
+
+
+def _plain_host_name(name: str) -> str | None:
+    """
+    C{name} as a canonical identity, or None when it is not a plain ASCII host name.
+
+    Only ASCII is lower-cased: Unicode case folding maps the Kelvin sign to "k", which
+    would let "\u212aiosk" pose as "kiosk".  Wildcards are refused, since an identity of
+    "*.example.org" would match allow-list globs literally.
+    """
+    if not name.isascii():
+        return None
+    name = name.lower().rstrip(".")
+    return name if len(name) <= 253 and _HOST_NAME.match(name) else None
+
+
 def identity_of(cert: x509.Certificate) -> str | None:
     """
-    The IAP identity a certificate names: its first DNS SAN, else its subject CN.
+    The IAP identity a certificate names: its first DNS SAN, else its subject CN; None
+    when that name is not a plain host name.
 
     Lower-cased, because DNS names compare case-insensitively and the store's
     deduplication rule keys on the identity.
@@ -69,11 +89,36 @@ def identity_of(cert: x509.Certificate) -> str | None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = san.value.get_values_for_type(x509.DNSName)
         if names:
-            return names[0].lower()
+            return _plain_host_name(names[0])
     except x509.ExtensionNotFound:
         pass
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if cns:
         value = cns[0].value
-        return (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).lower()
+        return _plain_host_name(value.decode("utf-8", "replace") if isinstance(value, bytes) else value)
+    return None
+
+
+def role_problem(cert: x509.Certificate, role: x509.ObjectIdentifier) -> str | None:
+    """
+    Why C{cert} may not act in IAP C{role}, or None when it may.
+
+    A certificate that could sign others (CA basic constraint, or keyCertSign) is refused
+    as a peer even if it carries the role: under a CA hierarchy without a path length
+    limit, its key could mint certificates for any sensor name.
+    """
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "is a CA certificate, not an end-entity certificate"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        if cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+            return "may sign certificates (keyCertSign)"
+    except x509.ExtensionNotFound:
+        pass
+    if not has_role(cert, role):
+        return f"lacks {ROLE_NAMES[role]} in a critical EKU"
+    if identity_of(cert) is None:
+        return "names no plain host name in its DNS SAN or CN"
     return None

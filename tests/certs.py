@@ -44,6 +44,9 @@ class TestPKI:
     sensor_noncritical: Pair  # noncrit.test, sensor EKU not critical
     sensor_expired: Pair  # expired.test, validity entirely in the past
     sensor_other_ca: Pair  # rogue.test, signed by other_ca
+    sensor_wildcard: Pair  # SAN *.test: a wildcard is no identity
+    sensor_kelvin: Pair  # CN "\u212aiosk.test" (Kelvin sign), no SAN: lower() would give kiosk.test
+    sensor_ca: Pair  # caleaf.test, sensor role, but a CA certificate (could mint sensors)
     manager_no_consumer: Pair  # manager.test, serverAuth only
     manager_as_sensor: Pair  # manager.test, clientAuth + GENERATOR
     manager_other_ca: Pair  # manager.test, signed by other_ca
@@ -92,6 +95,9 @@ def make_test_pki(directory: Path) -> TestPKI:
             not_after=now - timedelta(days=1),
         ),
         sensor_other_ca=rogue("sensor_other_ca", "rogue.test", SENSOR_USAGES),
+        sensor_wildcard=good("sensor_wildcard", "*.test", SENSOR_USAGES),
+        sensor_kelvin=good("sensor_kelvin", "\u212aiosk.test", SENSOR_USAGES, san=False),
+        sensor_ca=good("sensor_ca", "caleaf.test", SENSOR_USAGES, is_ca=True),
         manager_no_consumer=good(
             "manager_no_consumer", "manager.test", [ExtendedKeyUsageOID.SERVER_AUTH]
         ),

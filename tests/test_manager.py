@@ -415,6 +415,22 @@ class ClientCertificateTests(ManagerCase):
     def test_generator_role_in_noncritical_eku(self) -> Any:
         return self.assert_role_refused("sensor_noncritical")
 
+    def test_wildcard_identity_is_refused(self) -> Any:
+        """SAN *.test would match allow-list globs literally: no identity at all."""
+        return self.assert_role_refused("sensor_wildcard")
+
+    def test_unicode_case_trick_is_refused(self) -> Any:
+        """CN with a Kelvin sign lower-cases to kiosk.test under Unicode rules."""
+        return self.assert_role_refused("sensor_kelvin")
+
+    def test_ca_certificate_is_refused_as_a_sensor(self) -> Any:
+        """
+        A CA certificate with the sensor role could mint any sensor.  Under this test
+        CA (path length 0) OpenSSL already refuses it in the handshake; under a CA
+        without that limit iapd's own check refuses it (tests/test_roles.py).
+        """
+        return self.assert_handshake_refused("sensor_ca")
+
     @inlineCallbacks
     def test_good_sensor_certificate(self) -> Any:
         """Control: sensor1.test is accepted and its alerts stored under its identity."""
