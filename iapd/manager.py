@@ -135,6 +135,8 @@ class ManagerProtocol(LineReceiver):
         self._in_flight_bytes = 0
         self._paused = False
         self._close_reason = "peer closed"
+        self._urgent_fd: int | None = None
+        self._store_failing = False
         self._deadline = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
         try:
             self.transport.setTcpNoDelay(True)
@@ -144,7 +146,7 @@ class ManagerProtocol(LineReceiver):
         if not f.dialing and self.peer_host and not f.settings.network_allowed(self.peer_host):
             self._fail(WireError(403, f"source address {self.peer_host} is outside allow.networks"))
             return
-        f.urgent.watch(self.transport, self._urgent)
+        self._urgent_fd = f.urgent.watch(self.transport, self._urgent)
         f.connections.add(self)
 
     # -- setup phase: whole messages, one state each -------------------------------
@@ -326,6 +328,7 @@ class ManagerProtocol(LineReceiver):
         d = self.factory.store.add(record)
 
         def committed(new: bool) -> None:
+            self._store_failing = False
             if new:
                 self.stored += 1
             else:
@@ -334,9 +337,13 @@ class ManagerProtocol(LineReceiver):
             self._settle(slot)
 
         def failed(failure: Any) -> None:
-            self.log.error(
-                "store unavailable, answering 503 to {sensor}: {why}", sensor=self.sensor, why=failure.getErrorMessage()
-            )
+            if not self._store_failing:  # once per outage and connection, not per alert
+                self._store_failing = True
+                self.log.error(
+                    "store unavailable, answering 503 to {sensor} on connection {conn}: {why}",
+                    sensor=self.sensor, conn=self.conn_id, why=failure.getErrorMessage(),
+                )
+            self.rejected += 1
             slot.response = m.status(503, self.version)
             self._settle(slot)
 
@@ -414,7 +421,7 @@ class ManagerProtocol(LineReceiver):
     def connectionLost(self, reason: Any = None) -> None:
         if self._deadline.active():
             self._deadline.cancel()
-        self.factory.urgent.unwatch(self.transport)
+        self.factory.urgent.unwatch(self._urgent_fd)
         self.factory.connections.discard(self)
         unanswered = sum(1 for slot in self._pending if slot.response is None)
         self.state = State.CLOSED
@@ -463,7 +470,4 @@ class ManagerFactory(ServerFactory):
             assert material is not None
             self._tls, self._tls_for = server_options(material), material
         return self._tls
-
-    def stopFactory(self) -> None:
-        self.urgent.close()
 

@@ -61,18 +61,17 @@ class Options(usage.Options):
 class StoreService(service.Service):
     """Opens the store at start; closes it last, after the listeners stopped."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: SQLiteStore, reactor: Any) -> None:
         self.store = store
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
         d = self.store.open()
 
         def failed(failure: Any) -> None:
-            from twisted.internet import reactor
-
-            log.critical("cannot open the store: {why}", why=failure.getErrorMessage())
-            reactor.stop()
+            log.critical("cannot open the store: {why}; stopping", why=failure.getErrorMessage())
+            self.reactor.stop()
 
         d.addErrback(failed)
 
@@ -172,7 +171,7 @@ def makeService(options: Options) -> service.IService:
     config: ManagerConfig = options.manager_config
     top = service.MultiService()
     store = SQLiteStore(config.store_path, reactor)
-    StoreService(store).setServiceParent(top)
+    StoreService(store, reactor).setServiceParent(top)
     factory = ManagerFactory(settings_from(config, options.material), store, reactor)
     for text in config.listen:
         listener = StreamServerEndpointService(endpoints.serverFromString(reactor, text), factory)

@@ -26,6 +26,7 @@ import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 SCHEMA = """
@@ -108,10 +109,16 @@ class SQLiteStore:
 
     log = Logger()
 
-    def __init__(self, path: Path, reactor: Any, max_batch: int = 1024) -> None:
+    def __init__(
+        self, path: Path, reactor: Any, max_batch: int = 1024, max_backlog_bytes: int = 256 * 1024 * 1024
+    ) -> None:
         self.path = path
         self._reactor = reactor
         self._max_batch = max_batch
+        # Bound on bodies waiting for a commit across all connections: past it, new
+        # alerts are refused (the manager answers 503 and the sensor keeps them).
+        self._max_backlog_bytes = max_backlog_bytes
+        self._backlog_bytes = 0
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="iapd-store")
         self._db: sqlite3.Connection | None = None
         self._queue: list[tuple[AlertRecord, Deferred[bool]]] = []
@@ -130,12 +137,12 @@ class SQLiteStore:
     def open(self) -> Deferred[None]:
         self._pool.start()
         d = self._in_thread(self._open)
-        d.addErrback(self._stop_pool_on_failure)
-        return d
 
-    def _stop_pool_on_failure(self, failure: Any) -> Any:
-        self._pool.stop()
-        return failure
+        def opened(_: None) -> None:
+            # alerts may have queued while the file was being opened
+            self._kick()
+
+        return d.addCallback(opened)
 
     def _open(self) -> None:
         try:
@@ -156,16 +163,24 @@ class SQLiteStore:
         if self._closing is not None:
             d.errback(StoreError("the store is shutting down"))
             return d
+        if self._backlog_bytes + len(record.body) > self._max_backlog_bytes and self._queue:
+            d.errback(StoreError(f"more than {self._max_backlog_bytes} octets wait for a commit"))
+            return d
+        self._backlog_bytes += len(record.body)
         self._queue.append((record, d))
         self._kick()
         return d
 
     def _kick(self) -> None:
+        if self._db is None and self._closing is not None:
+            # never opened (or open failed): nothing queued can be committed any more
+            self._fail_queue(StoreError(f"the store {self.path} is not open"))
         if self._committing or self._db is None or not (self._queue or self._seen):
             if self._closing is not None and not self._committing and not self._queue:
                 self._finish_close()
             return
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+        self._backlog_bytes -= sum(len(r.body) for r, _ in batch)
         seen, self._seen = self._seen, {}
         self._committing = True
         d = self._in_thread(self._commit, [r for r, _ in batch], seen)
@@ -177,7 +192,10 @@ class SQLiteStore:
                 waiting.callback(new)
 
         def failed(failure: Any) -> None:
-            self.log.failure("store commit of {count} alerts failed", failure, count=len(batch))
+            self.log.error(
+                "store commit of {count} alerts failed ({kind}: {why}); answering 503",
+                count=len(batch), kind=failure.type.__name__, why=failure.getErrorMessage(),
+            )
             for _, waiting in batch:
                 waiting.errback(StoreError(f"commit failed: {failure.getErrorMessage()}"))
 
@@ -225,6 +243,12 @@ class SQLiteStore:
             raise
         return results
 
+    def _fail_queue(self, error: StoreError) -> None:
+        queued, self._queue = self._queue, []
+        self._backlog_bytes = 0
+        for _, waiting in queued:
+            waiting.errback(error)
+
     def close(self) -> Deferred[None]:
         """Commit what is queued, then close the file and stop the thread."""
         if self._closing is None:
@@ -243,12 +267,18 @@ class SQLiteStore:
             if db is not None:
                 db.close()
 
-        d = self._in_thread(shut) if self._pool.started else Deferred()
-        if not self._pool.started:
+        if self._pool.started:
+            d = self._in_thread(shut)
+        else:
+            shut()
+            d = Deferred()
             d.callback(None)
 
-        def stop(_: Any) -> None:
-            self._pool.stop()
+        def stop(result: Any) -> None:
+            if self._pool.started:
+                self._pool.stop()
+            if isinstance(result, Failure):
+                self.log.failure("closing the store failed", result)
             closing.callback(None)
 
         d.addBoth(stop)

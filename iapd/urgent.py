@@ -28,7 +28,8 @@ class UrgentDataWatcher:
     Calls a connection's callback when urgent data arrives on its socket.
 
     One watcher serves every connection of a process; the reactor wakes it only when
-    some watched socket has an urgent byte pending.
+    some watched socket has an urgent byte pending, and it is registered with the reactor
+    only while it watches something, so no owner has to remember to close it.
     """
 
     log = Logger()
@@ -40,12 +41,18 @@ class UrgentDataWatcher:
         if not HAVE_EPOLL:
             self.log.warn("urgent data cannot be detected on this platform (no epoll)")
 
-    def watch(self, transport: Any, on_urgent: Callable[[], None]) -> None:
+    def watch(self, transport: Any, on_urgent: Callable[[], None]) -> int | None:
+        """
+        Watch C{transport}'s socket; returns the descriptor to pass to L{unwatch}.
+
+        The descriptor is kept by the caller because Twisted drops C{transport.socket}
+        before it calls C{connectionLost}.
+        """
         if not HAVE_EPOLL:
-            return
+            return None
         sock = getattr(transport, "socket", None)
         if not isinstance(sock, socket.socket):
-            return
+            return None
         if self._epoll is None:
             self._epoll = select.epoll()
             self._reactor.addReader(self)
@@ -55,23 +62,31 @@ class UrgentDataWatcher:
             self._epoll.register(fd, select.EPOLLPRI)
         except FileExistsError:
             self._epoll.modify(fd, select.EPOLLPRI)
+        return fd
 
-    def unwatch(self, transport: Any) -> None:
-        sock = getattr(transport, "socket", None)
-        if self._epoll is None or not isinstance(sock, socket.socket):
+    def unwatch(self, fd: int | None) -> None:
+        """Forget C{fd}; once nothing is watched, leave the reactor alone."""
+        if fd is None or self._epoll is None:
             return
-        for fd, (watched, _) in list(self._callbacks.items()):
-            if watched is sock:
-                del self._callbacks[fd]
-                try:
-                    self._epoll.unregister(fd)
-                except (OSError, ValueError):
-                    pass  # already closed: the kernel dropped it from the set
+        if self._callbacks.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass  # already closed: the kernel dropped it from the set
+        if not self._callbacks:
+            self.close()
+
+    @property
+    def watched(self) -> int:
+        """How many sockets are watched now."""
+        return len(self._callbacks)
 
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else -1
 
     def doRead(self) -> None:
+        if self._epoll is None:
+            return
         for fd, _events in self._epoll.poll(0):
             entry = self._callbacks.pop(fd, None)
             try:
@@ -86,6 +101,8 @@ class UrgentDataWatcher:
             except OSError:
                 pass
             on_urgent()
+        if not self._callbacks:
+            self.close()
 
     def connectionLost(self, reason: Failure) -> None:
         self.close()

@@ -791,3 +791,25 @@ class UrgentDataTests(ManagerCase):
         yield within(peer.lost)
         self.assertNotIn(OK, peer.take())
         self.assertEqual(self.bodies(), [b"before the urgent byte"])
+
+
+class UrgentWatcherLifecycleTests(ManagerCase):
+    @inlineCallbacks
+    def test_closed_connections_are_no_longer_watched(self) -> Any:
+        """The watcher forgets a socket when its connection ends (no stale protocols)."""
+        peers = []
+        for _ in range(3):
+            peer = yield self.connect_and_send(setup_bytes())
+            yield within(peer.until_contains(OK))
+            peers.append(peer)
+        self.assertEqual(self.factory.urgent.watched, 3)
+        for peer in peers:
+            peer.transport.loseConnection()
+            yield within(peer.lost)
+        # the manager side has seen the closes once its protocols are gone
+        for _ in range(100):
+            if not self.factory.connections:
+                break
+            yield deferLater(reactor, 0.05)
+        self.assertEqual(self.factory.connections, set())
+        self.assertEqual(self.factory.urgent.watched, 0)

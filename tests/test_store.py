@@ -1,0 +1,138 @@
+"""
+The SQLite store: group commit, deduplication, failures, opening and closing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.trial import unittest
+
+from iapd.store import AlertRecord, SQLiteStore, StoreError, read_alerts, read_sensors
+
+from .support import IDEF, OK, content
+from .test_manager import ManagerCase, within
+
+S503 = b"IAP/0.2 503\r\n\r\n"
+
+
+def record(body: bytes, sensor: str = "s1.test") -> AlertRecord:
+    return AlertRecord(sensor=sensor, content_type=IDEF, body=body, via=("p.test",), peer="127.0.0.1:1")
+
+
+class StoreTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp()) / "alerts.db"
+
+    @inlineCallbacks
+    def test_group_commit_and_dedup(self) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        bodies = [b"alert %d" % i for i in range(300)] + [b"alert 7", b"alert 8"]
+        results = yield DeferredList([store.add(record(b)) for b in bodies], fireOnOneErrback=True)
+        news = [r for _, r in results]
+        self.assertEqual(news, [True] * 300 + [False, False])
+        self.assertLess(store.commits, 300)  # many alerts per transaction
+        yield store.close()
+        stored = read_alerts(self.path, with_body=True)
+        self.assertEqual([a["body"] for a in stored], bodies[:300])
+        self.assertEqual(stored[0]["via"], ["p.test"])
+
+    @inlineCallbacks
+    def test_same_body_from_another_sensor_is_another_alert(self) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        first = yield store.add(record(b"x", "a.test"))
+        second = yield store.add(record(b"x", "b.test"))
+        yield store.close()
+        self.assertEqual((first, second), (True, True))
+        self.assertEqual(len(read_alerts(self.path)), 2)
+
+    @inlineCallbacks
+    def test_alert_added_while_opening_is_committed(self) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        opening = store.open()
+        pending = store.add(record(b"early"))
+        yield opening
+        new = yield within(pending)
+        self.assertTrue(new)
+        self.assertEqual(len(read_alerts(self.path)), 1)
+        yield store.close()
+
+    @inlineCallbacks
+    def test_close_commits_what_is_queued(self) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        pending = [store.add(record(b"q%d" % i)) for i in range(50)]
+        yield store.close()
+        self.assertTrue(all(d.called for d in pending))
+        self.assertEqual(len(read_alerts(self.path)), 50)
+        refused = store.add(record(b"late"))
+        yield self.assertFailure(refused, StoreError)
+
+    @inlineCallbacks
+    def test_unopenable_store_fails_and_still_closes(self) -> Any:
+        store = SQLiteStore(Path("/proc/iapd-no-such-dir/alerts.db"), reactor)
+        failure = yield self.assertFailure(store.open(), StoreError)
+        self.assertIn("cannot open SQLite store", str(failure))
+        queued = store.add(record(b"lost?"))
+        yield within(store.close())
+        yield self.assertFailure(queued, StoreError)
+
+    @inlineCallbacks
+    def test_backlog_is_bounded(self) -> Any:
+        store = SQLiteStore(self.path, reactor, max_backlog_bytes=100)
+        yield store.open()
+        # the first add starts a commit at once; the rest wait, up to 100 octets
+        pending = [store.add(record(b"%039d" % i)) for i in range(6)]
+        results = yield DeferredList(pending, consumeErrors=True)
+        outcomes = [ok for ok, _ in results]
+        self.assertEqual(outcomes, [True, True, True, False, False, False])
+        for ok, value in results[3:]:
+            self.assertIsInstance(value.value, StoreError)
+        yield store.close()
+        self.assertEqual(len(read_alerts(self.path)), 3)
+
+    @inlineCallbacks
+    def test_sensors_table(self) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        store.seen("s1.test", "127.0.0.1:9", ("p.test",))
+        yield store.add(record(b"one"))
+        yield store.close()
+        [sensor] = read_sensors(self.path)
+        self.assertEqual((sensor["sensor"], sensor["alerts"], sensor["via"]), ("s1.test", 1, ["p.test"]))
+
+    def test_reader_errors(self) -> None:
+        with self.assertRaises(StoreError) as e:
+            read_alerts(self.path)
+        self.assertIn("no store at", str(e.exception))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"this is not a database" * 100)
+        with self.assertRaises(StoreError):
+            read_alerts(self.path)
+
+
+class StoreDownTests(ManagerCase):
+    """A real SQLite failure (a trigger that aborts inserts) while a sensor sends."""
+
+    @inlineCallbacks
+    def test_store_down_is_503_and_the_connection_goes_on(self) -> Any:
+        peer = yield self.ready_peer()
+        db = sqlite3.connect(self.db_path)
+        db.execute("CREATE TRIGGER down BEFORE INSERT ON alerts BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+        db.commit()
+        peer.transport.write(content(b"while down"))
+        yield self.expect(peer, S503)
+        self.assertEqual(self.stored(), [])
+        db.execute("DROP TRIGGER down")
+        db.commit()
+        db.close()
+        # the sensor kept the alert and sends it again: now it is stored
+        peer.transport.write(content(b"while down"))
+        yield self.expect(peer, OK)
+        self.assertEqual([a["body"] for a in self.stored()], [b"while down"])
