@@ -40,6 +40,8 @@ class SensorSettings:
     material: TLSMaterial
     window: int = 256
     setup_timeout: float = 10.0
+    ack_timeout: float = 60.0
+    """Longest wait for the next acknowledgement while alerts are in flight."""
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -108,6 +110,7 @@ class SensorProtocol(LineReceiver):
         self._failure: IAPFailure | None = None
         self._handshake_buffer = b""
         self._deadline: Any = None
+        self._ack_timer: Any = None
 
     def connectionMade(self) -> None:
         try:
@@ -182,6 +185,8 @@ class SensorProtocol(LineReceiver):
             self._abort(IAPFailure(f"{len(data)} plaintext octets after 101 (injection); dropped"))
         elif self.state == ClientState.HANDSHAKE:
             self._handshake_buffer += data
+            if len(self._handshake_buffer) > MAX_LINE * MAX_SETUP_LINES:
+                self._abort(IAPFailure("manager sent too much before the handshake completed"))
 
     def handshakeCompleted(self) -> None:
         if self.state != ClientState.HANDSHAKE:
@@ -238,6 +243,19 @@ class SensorProtocol(LineReceiver):
             self._in_flight.append(d)
         if out:
             self.transport.write(b"".join(out))
+        self._arm_ack_timer()
+
+    def _arm_ack_timer(self) -> None:
+        """Keep a timer running while anything is in flight, restarted by each answer."""
+        if self._ack_timer is not None and self._ack_timer.active():
+            self._ack_timer.cancel()
+        self._ack_timer = None
+        if self._in_flight and self.state == ClientState.READY:
+            self._ack_timer = self.reactor.callLater(self.settings.ack_timeout, self._ack_expired)
+
+    def _ack_expired(self) -> None:
+        self._ack_timer = None
+        self._abort(IAPFailure(f"no acknowledgement within {self.settings.ack_timeout:g}s"))
 
     def _acknowledged(self, message: object) -> None:
         if not isinstance(message, m.Response) or not self._in_flight:
@@ -271,8 +289,9 @@ class SensorProtocol(LineReceiver):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        for timer in (self._deadline, self._ack_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         was = self.state
         self.state = ClientState.CLOSED
         if self._failure is None:
@@ -315,6 +334,20 @@ class SensorFactory(Factory):
         return self._tls
 
 
+def deliver_ready(proto: SensorProtocol, alerts: Sequence[tuple[str, bytes]]) -> Deferred[list[Outcome]]:
+    """Deliver C{alerts} over a connection in the data phase, then close it."""
+    sends = [proto.send(ct, body) for ct, body in alerts]
+    gathered = DeferredList(sends, consumeErrors=True) if sends else succeed([])
+
+    def done(results: list[tuple[bool, Any]]) -> Deferred[list[Outcome]]:
+        outcomes = [r if ok else Outcome(None, r.getErrorMessage()) for ok, r in results]
+        if proto.state != ClientState.CLOSED:
+            proto.transport.loseConnection()
+        return proto.closed.addCallback(lambda _: outcomes)
+
+    return gathered.addCallback(done)
+
+
 def deliver_on(proto: SensorProtocol, alerts: Sequence[tuple[str, bytes]]) -> Deferred[list[Outcome]]:
     """
     Deliver C{alerts} over a connection that is being set up, then close it.
@@ -324,16 +357,7 @@ def deliver_on(proto: SensorProtocol, alerts: Sequence[tuple[str, bytes]]) -> De
     """
 
     def connected(_: Any) -> Deferred[list[Outcome]]:
-        sends = [proto.send(ct, body) for ct, body in alerts]
-        gathered = DeferredList(sends, consumeErrors=True) if sends else succeed([])
-
-        def done(results: list[tuple[bool, Any]]) -> Deferred[list[Outcome]]:
-            outcomes = [r if ok else Outcome(None, r.getErrorMessage()) for ok, r in results]
-            if proto.state != ClientState.CLOSED:
-                proto.transport.loseConnection()
-            return proto.closed.addCallback(lambda _: outcomes)
-
-        return gathered.addCallback(done)
+        return deliver_ready(proto, alerts)
 
     def refused(failure: Failure) -> Deferred[list[Outcome]]:
         value = failure.value
@@ -360,19 +384,41 @@ def deliver(
 
 
 class _InboundFactory(SensorFactory):
-    """Serves the first inbound connection; refuses others while that one works."""
+    """
+    Serves inbound connections until one reaches READY; that one carries the alerts.
+
+    A stranger connecting first must not lock the real manager out: every connection
+    gets the whole IAP setup with certificate checks, and only a manager that passes
+    them wins.  At most C{MAX_TRIES} setups run at once.
+    """
 
     inbound = True
+    MAX_TRIES = 8
+    log = Logger()
 
     def __init__(self, settings: SensorSettings, reactor: Any) -> None:
         super().__init__(settings, reactor)
         self.first: Deferred[SensorProtocol] = Deferred()
+        self._trying: set[SensorProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> SensorProtocol | None:  # type: ignore[override]
-        if self.first.called:
+        if self.first.called or len(self._trying) >= self.MAX_TRIES:
             return None
         proto = super().buildProtocol(addr)
-        self.first.callback(proto)
+        self._trying.add(proto)
+
+        def won(_: Any) -> None:
+            self._trying.discard(proto)
+            if not self.first.called:
+                self.first.callback(proto)
+            else:
+                proto.transport.loseConnection()
+
+        def lost(failure: Failure) -> None:
+            self._trying.discard(proto)
+            self.log.warn("inbound connection from {addr} failed: {why}", addr=addr, why=failure.getErrorMessage())
+
+        proto.ready.addCallbacks(won, lost)
         return proto
 
 
@@ -395,7 +441,7 @@ def deliver_inbound(
         def no_manager(failure: Failure) -> list[Outcome]:
             return [Outcome(None, f"no manager connected within {wait:g}s") for _ in alerts]
 
-        d = first.addCallbacks(lambda proto: deliver_on(proto, alerts), no_manager)
+        d = first.addCallbacks(lambda proto: deliver_ready(proto, alerts), no_manager)
         return d.addBoth(stop_listening)
 
     def cannot_listen(failure: Failure) -> list[Outcome]:

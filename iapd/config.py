@@ -82,6 +82,7 @@ class SensorConfig:
     tls: TLSFiles
     window: int
     setup_timeout: float
+    ack_timeout: float
     spool: Path | None
 
 
@@ -205,6 +206,18 @@ def _media_type(text: str) -> str | None:
     return None if _MEDIA.match(text.lower()) else "not a media type like application/x-idef-alert"
 
 
+def _one_endpoint(reader: _Reader, key: str, kind: str) -> str | None:
+    value = reader.get(key, None)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise reader.fail(key, f"must be one {kind} endpoint string, got {value!r}")
+    problem = _endpoint_problem(kind)(value)
+    if problem:
+        raise reader.fail(key, f"{value!r}: {problem}")
+    return value
+
+
 def load_manager(path: Path) -> ManagerConfig:
     path = Path(path)
     where = str(path)
@@ -260,25 +273,22 @@ def load_sensor(path: Path) -> SensorConfig:
     top = _Reader(_load_yaml(path), where, SENSOR_KEYS)
     identity = top.hostname("identity")
     manager = top.hostname("manager")
-    connect = top.get("connect", None)
-    if connect is not None:
-        top.strings("connect", None, _endpoint_problem("client"))
-    listen = top.get("listen", None)
-    if listen is not None:
-        top.strings("listen", None, _endpoint_problem("server"))
+    connect = _one_endpoint(top, "connect", "client")
+    listen = _one_endpoint(top, "listen", "server")
     if connect is None and listen is None:
         raise top.fail("connect", "is required unless listen is set (the first hop: the manager or a proxy)")
     tls = top.tls(base)
     spool = top.path("spool", base, None) if top.get("spool", None) is not None else None
     window = top.integer("window", 256, 1, 65536, "alerts")
-    limits = top.sub("limits", ("setup_timeout",))
+    limits = top.sub("limits", ("setup_timeout", "ack_timeout"))
     setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
+    ack_timeout = limits.number("ack_timeout", 60, 0, 86400, "seconds")
     inputs = top.get("inputs", [])
     if not isinstance(inputs, list):
         raise top.fail("inputs", f"must be a list, got {inputs!r}")
     return SensorConfig(
         path=path, identity=identity, manager=manager, connect=connect, listen=listen, tls=tls,
-        window=window, setup_timeout=setup_timeout, spool=spool,
+        window=window, setup_timeout=setup_timeout, ack_timeout=ack_timeout, spool=spool,
     )
 
 

@@ -235,6 +235,8 @@ class ManagerProtocol(LineReceiver):
             self.transport.abortConnection()
         elif self.state == State.HANDSHAKE:
             self._handshake_buffer += data
+            if len(self._handshake_buffer) > MAX_LINE * MAX_SETUP_LINES:
+                self._fail(bad_request("too much data before the handshake completed"))
 
     def handshakeCompleted(self) -> None:
         if self.state != State.HANDSHAKE:

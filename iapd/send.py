@@ -49,7 +49,8 @@ def send_files(
     except ConfigError as e:
         return fail(e)
     settings = SensorSettings(
-        manager=config.manager, material=material, window=config.window, setup_timeout=config.setup_timeout
+        manager=config.manager, material=material, window=config.window,
+        setup_timeout=config.setup_timeout, ack_timeout=config.ack_timeout,
     )
     bodies = [(content_type, body) for _, body in alerts]
     if config.connect is not None:

@@ -145,6 +145,8 @@ BAD_SENSOR = [
     ("window: 64", "window: 64\nlisten: 'zz:5603'", "listen: 'zz:5603': not a Twisted server endpoint"),
     ("window: 64", "window: 64\nlimits: {setup_timeout: -3}", "limits.setup_timeout: must be a number"),
     ("window: 64", "window: 64\ninputs: {type: directory}", "inputs: must be a list"),
+    ("window: 64", "window: 64\nlisten: ['tcp:0']", "listen: must be one server endpoint string"),
+    ("window: 64", "window: 64\nlimits: {ack_timeout: 0}", "limits.ack_timeout: must be a number of seconds"),
 ]
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
 from iapd.client import Outcome, deliver
@@ -203,3 +203,50 @@ class ManagerOtherCATests(SensorCase):
         for outcome in outcomes:
             self.assertIn("certificate verify failed", outcome.reason)
         self.assertEqual(self.stored(), [])
+
+
+class AcknowledgementTimeoutTests(SensorCase):
+    @inlineCallbacks
+    def test_stalled_manager_does_not_hang_the_sensor(self) -> Any:
+        """
+        The store is locked by another process-level writer, so commits stall: the
+        sensor gives up after ack_timeout and reports the alerts as not acknowledged.
+        """
+        import sqlite3
+
+        locker = sqlite3.connect(self.db_path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            outcomes = yield self.deliver([(IDEF, b"stalled %d" % i) for i in range(5)], ack_timeout=1.0)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        self.assertEqual([o.code for o in outcomes], [None] * 5)
+        self.assertIn("no acknowledgement within 1s", outcomes[0].reason)
+
+
+class InboundTests(SensorCase):
+    @inlineCallbacks
+    def test_a_stranger_connecting_first_does_not_lock_out_the_manager(self) -> Any:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from iapd.client import deliver_inbound
+
+        from .processes import free_port
+        from .support import RawPeer
+
+        port = free_port()
+        outcome = deliver_inbound(
+            reactor, TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
+            self.sensor_settings(), [(IDEF, b"inbound")], wait=30,
+        )
+        stranger = RawPeer()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), stranger)
+        stranger.transport.write(b"IAP/0.2 200\r\n\r\n")  # not a manager, not TLS
+        # the real manager dials in (draft 6.1) after the stranger
+        dialed = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(self.factory.for_dialing())
+        self.addCleanup(lambda: dialed.transport.abortConnection())
+        outcomes = yield outcome.addTimeout(WAIT, reactor)
+        self.assertEqual([o.code for o in outcomes], [200])
+        self.assertEqual(self.bodies(), [b"inbound"])
+        stranger.transport.abortConnection()
