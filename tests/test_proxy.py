@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 
 from iapd.client import deliver
 from iapd.proxy import ProxyFactory, ProxySettings, Route
@@ -246,9 +247,15 @@ class RelayIntegrityTests(ProxyCase):
         hop.take()
         up = os.urandom(8 * 1024 * 1024)
         down = os.urandom(8 * 1024 * 1024)
+        # neither end reads for a while: the proxy's sends come back short, then blocked
+        hop.transport.pauseProducing()
+        peer.transport.pauseProducing()
         for i in range(0, len(up), 100_000):
             peer.transport.write(up[i : i + 100_000])
             hop.transport.write(down[i : i + 100_000])
+        yield deferLater(reactor, 0.5)
+        hop.transport.resumeProducing()
+        peer.transport.resumeProducing()
         yield hop.until_length(len(up)).addTimeout(60, reactor)
         yield peer.until_length(len(down)).addTimeout(60, reactor)
         self.assertEqual(hashlib.sha256(hop.buffer).hexdigest(), hashlib.sha256(up).hexdigest())
