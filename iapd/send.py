@@ -53,12 +53,24 @@ def send_files(
         setup_timeout=config.setup_timeout, ack_timeout=config.ack_timeout,
     )
     bodies = [(content_type, body) for _, body in alerts]
-    if config.connect is not None:
-        d = deliver(reactor, endpoints.clientFromString(reactor, config.connect), settings, bodies)
-    else:
-        # listen only: the manager dials in (draft 6.1)
+
+    def inbound(_: Any = None) -> Deferred[list[Outcome]]:
+        # the manager dials in (draft 6.1)
         assert config.listen is not None
-        d = deliver_inbound(reactor, endpoints.serverFromString(reactor, config.listen), settings, bodies, wait)
+        return deliver_inbound(reactor, endpoints.serverFromString(reactor, config.listen), settings, bodies, wait)
+
+    if config.connect is None:
+        d = inbound()
+    else:
+        d = deliver(reactor, endpoints.clientFromString(reactor, config.connect), settings, bodies)
+        if config.listen is not None:
+            # both configured: when the first hop cannot be reached, wait for the manager
+            def fall_back(outcomes: list[Outcome]) -> Any:
+                if outcomes and all(o.code is None and o.reason.startswith("cannot connect") for o in outcomes):
+                    return inbound()
+                return outcomes
+
+            d.addCallback(fall_back)
     return d.addCallback(lambda outcomes: [(name, o) for (name, _), o in zip(alerts, outcomes)])
 
 
@@ -82,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--content-type", default=IDEF_ALERT, help=f"Content-Type of every alert (default {IDEF_ALERT})")
     parser.add_argument(
         "--wait", type=float, default=60.0,
-        help="with only 'listen' configured: seconds to wait for the manager to connect (default 60)",
+        help="with 'listen' configured: seconds to wait for the manager to connect, when there is no "
+        "'connect' or it cannot be reached (default 60)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing for acknowledged alerts")
     parser.add_argument("files", nargs="+", metavar="FILE", help="alert files; - reads one alert from standard input")

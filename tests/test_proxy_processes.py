@@ -502,6 +502,22 @@ def test_manager_keeps_dialing_until_the_sensor_listens(pki: TestPKI, procs: Pro
     assert daemon.proc.poll() is None
 
 
+def test_sensor_with_connect_and_listen_falls_back_to_listening(
+    pki: TestPKI, procs: Processes, tmp_path: Path
+) -> None:
+    """connect and listen both set: the first hop is down, so the manager's dial serves."""
+    s_port, m_port = free_port(), free_port()
+    sensor = sensor_yaml(tmp_path / "sensor.yaml", pki, connect=dead_port(), listen=s_port)
+    [file] = alert_files(tmp_path / "out", 1)
+    sender = procs.popen([sys.executable, "-m", "iapd.send", "-c", str(sensor), "--wait", "60", file], tmp_path)
+    manager = manager_yaml(tmp_path / "manager", pki, m_port, dial=(s_port,))
+    procs.manager(manager, m_port)
+    code, out, err = finish(sender, 90)
+    assert code == 0, err
+    [alert] = listed(manager)
+    assert alert["sensor"] == "sensor1.test"
+
+
 # -- 4. a proxy dies in the middle of a stream ----------------------------------------------
 
 
