@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (alerts, tail):
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         p.add_argument("--sensor", help="only this sensor identity (glob patterns allowed)")
+    for p in (alerts, tail):
+        p.add_argument("--heartbeats", action="store_true", help="include IDMEF heartbeats")
     alerts.add_argument("--since", help="only alerts received since: ISO 8601 time, or 10m, 2h, 7d ago")
     alerts.add_argument("--limit", type=int, help="only the newest N")
     tail.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the store")
@@ -84,17 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "alerts":
             since = parse_since(args.since) if args.since else None
             _print_alerts(
-                read_alerts(config.store_path, since=since, sensor=args.sensor, limit=args.limit), args.json
+                read_alerts(
+                    config.store_path, since=since, sensor=args.sensor, limit=args.limit, heartbeats=args.heartbeats
+                ),
+                args.json,
             )
         elif args.command == "sensors":
             for s in read_sensors(config.store_path):
                 if args.json:
                     print(json.dumps(s, sort_keys=True))
                 else:
-                    print(
-                        f"{s['sensor']:<32} alerts {s['alerts']:>8}  last seen {s['last_seen'][:19]}Z"
-                        f"  last alert {(s['last_alert'] or '-')[:19]}{'Z' if s['last_alert'] else ''}  from {s['last_peer']}"
-                    )
+                    print(_sensor_line(s))
         else:
             return _tail(config.store_path, args)
     except (ConfigError, StoreError, ValueError) as e:
@@ -105,13 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _when(text: str | None) -> str:
+    return f"{text[:19]}Z" if text else "-"
+
+
+def _sensor_line(s: dict[str, Any]) -> str:
+    if s["heartbeat_overdue"] is None:
+        beat = "no heartbeat interval known"
+    else:
+        state = "OVERDUE" if s["heartbeat_overdue"] else "ok"
+        beat = f"heartbeat {state} (last {_when(s['last_heartbeat'])}, every {s['heartbeat_interval']:g}s)"
+    return (
+        f"{s['sensor']:<32} alerts {s['alerts']:>8}  last seen {_when(s['last_seen'])}"
+        f"  last alert {_when(s['last_alert'])}  {beat}  from {s['last_peer']}"
+    )
+
+
 def _tail(path: Path, args: argparse.Namespace) -> int:
     existing = read_alerts(path, sensor=args.sensor, limit=1)
     last = existing[-1]["id"] if existing else 0
     printed = 0
     try:
         while args.count is None or printed < args.count:
-            new = read_alerts(path, sensor=args.sensor, after_id=last)
+            new = read_alerts(path, sensor=args.sensor, after_id=last, heartbeats=args.heartbeats)
             if args.count is not None:
                 new = new[: args.count - printed]
             _print_alerts(new, args.json)

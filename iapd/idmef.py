@@ -114,6 +114,7 @@ class Summary(TypedDict):
     source: list[str]
     target: list[str]
     messages: int
+    heartbeat_interval: int | None
 
 
 def summarize(body: bytes) -> Summary | None:
@@ -373,4 +374,13 @@ def _summary(event: Element, messages: int) -> Summary:
         source=_addresses(alert, "Source") if alert is not None else [],
         target=_addresses(alert, "Target") if alert is not None else [],
         messages=messages,
+        heartbeat_interval=_interval(event) if alert is None else None,
     )
+
+
+def _interval(heartbeat: Element) -> int | None:
+    """A Heartbeat's HeartbeatInterval in seconds (RFC 4765 4.2.3), when it is sane."""
+    text = _text(_child(heartbeat, "HeartbeatInterval"))
+    if text is None or not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)

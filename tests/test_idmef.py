@@ -31,6 +31,7 @@ KEYS = {
     "source",
     "target",
     "messages",
+    "heartbeat_interval",
 }
 
 # RFC 4765 style: declaration, prefixed namespace, a correlator relaying a sensor's
@@ -256,6 +257,7 @@ def test_rfc4765_alert() -> None:
         "source": ["192.0.2.200", "198.51.100.7"],
         "target": ["www.example.com"],
         "messages": 1,
+        "heartbeat_interval": None,
     }
     assert summary == expected
     assert_small_summary(summary)
@@ -290,6 +292,7 @@ def test_prelude_alert() -> None:
         "source": ["2001:db8::bad:1"],
         "target": ["10.1.2.3"],
         "messages": 1,
+        "heartbeat_interval": None,
     }
 
 
@@ -306,6 +309,7 @@ def test_snort_alert_without_namespace_or_declaration() -> None:
         "source": ["203.0.113.9"],
         "target": ["192.0.2.1"],
         "messages": 1,
+        "heartbeat_interval": None,
     }
 
 
@@ -323,6 +327,7 @@ def test_heartbeat() -> None:
         "source": [],
         "target": [],
         "messages": 1,
+        "heartbeat_interval": 600,
     }
     assert summarize(HEARTBEAT) == expected
 
@@ -355,6 +360,7 @@ def test_service_with_name_and_portlist() -> None:
         "source": ["scanner.example.net"],
         "target": ["192.0.2.10"],
         "messages": 1,
+        "heartbeat_interval": None,
     }
 
 
