@@ -84,11 +84,29 @@ class SensorConfig:
     setup_timeout: float
     ack_timeout: float
     spool: Path | None
+    spool_max_bytes: int = 1 << 30
+    heartbeat: float = 0.0
+    inputs: tuple["InputConfig", ...] = ()
+    content_type: str = IDEF_ALERT
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class InputConfig:
+    """One place the sensor daemon takes alerts from."""
+
+    type: str  # directory | socket | eve
+    path: Path
+    content_type: str = IDEF_ALERT
+    mode: int = 0o660  # socket file mode
 
 
 MANAGER_KEYS = ("identity", "listen", "tls", "store", "allow", "limits", "content_types", "web", "dial")
 PROXY_KEYS = ("identity", "listen", "routes", "allow", "limits")
-SENSOR_KEYS = ("identity", "manager", "connect", "listen", "tls", "spool", "window", "limits", "inputs")
+SENSOR_KEYS = (
+    "identity", "manager", "connect", "listen", "tls", "spool", "spool_max_bytes", "window", "limits", "inputs",
+    "heartbeat", "content_type",
+)
+INPUT_TYPES = ("directory", "socket", "eve")
 
 
 class _Reader:
@@ -279,16 +297,42 @@ def load_sensor(path: Path) -> SensorConfig:
         raise top.fail("connect", "is required unless listen is set (the first hop: the manager or a proxy)")
     tls = top.tls(base)
     spool = top.path("spool", base, None) if top.get("spool", None) is not None else None
+    spool_max_bytes = top.integer("spool_max_bytes", 1 << 30, 1 << 20, 1 << 40, "octets")
     window = top.integer("window", 256, 1, 65536, "alerts")
     limits = top.sub("limits", ("setup_timeout", "ack_timeout"))
     setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
     ack_timeout = limits.number("ack_timeout", 60, 0, 86400, "seconds")
-    inputs = top.get("inputs", [])
-    if not isinstance(inputs, list):
-        raise top.fail("inputs", f"must be a list, got {inputs!r}")
+    heartbeat = top.get("heartbeat", 0)
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not 0 <= heartbeat <= 86400:
+        raise top.fail("heartbeat", f"must be seconds between heartbeats (0 for none, at most 86400), got {heartbeat!r}")
+    content_type = top.get("content_type", IDEF_ALERT)
+    if not isinstance(content_type, str) or _media_type(content_type):
+        raise top.fail("content_type", f"must be a media type like {IDEF_ALERT}, got {content_type!r}")
+    raw_inputs = top.get("inputs", [])
+    if not isinstance(raw_inputs, list):
+        raise top.fail("inputs", f"must be a list, got {raw_inputs!r}")
+    inputs = []
+    for i, item in enumerate(raw_inputs):
+        entry = _Reader(item, where, ("type", "path", "content_type", "mode"), f"inputs[{i}].")
+        kind = entry.get("type")
+        if kind not in INPUT_TYPES:
+            raise entry.fail("type", f"must be one of {', '.join(INPUT_TYPES)}, got {kind!r}")
+        ct = entry.get("content_type", content_type)
+        if not isinstance(ct, str) or _media_type(ct):
+            raise entry.fail("content_type", f"must be a media type, got {ct!r}")
+        mode = entry.get("mode", 0o660)
+        if isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode):
+            mode = int(mode, 8)
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise entry.fail("mode", f"must be a file mode such as '0660', got {mode!r}")
+        inputs.append(InputConfig(kind, entry.path("path", base), ct, mode))
+    if inputs and spool is None:
+        raise top.fail("spool", "is required when inputs are configured: accepted alerts are kept there")
     return SensorConfig(
         path=path, identity=identity, manager=manager, connect=connect, listen=listen, tls=tls,
         window=window, setup_timeout=setup_timeout, ack_timeout=ack_timeout, spool=spool,
+        spool_max_bytes=spool_max_bytes, heartbeat=float(heartbeat), inputs=tuple(inputs),
+        content_type=content_type,
     )
 
 
