@@ -37,6 +37,7 @@ from . import messages as m
 from .errors import WireError, bad_request
 from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe, parse_setup
 from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
+from .tlsutil import session_reused
 from .store import AlertRecord
 from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options
 from .urgent import UrgentDataWatcher
@@ -285,9 +286,14 @@ class ManagerProtocol(LineReceiver):
         settings = self.factory.settings
         self._reader = ContentReader(settings.max_content_length, settings.content_types)
         self.factory.store.seen(self.sensor or "", self.peer, self.via)
+        try:
+            resumed = session_reused(self.transport.getHandle())
+        except Exception:
+            resumed = None
         self.log.info(
-            "sensor {sensor} ready on connection {conn} from {peer} via {via}",
+            "sensor {sensor} ready on connection {conn} from {peer} via {via}{resumed}",
             sensor=self.sensor, conn=self.conn_id, peer=self.peer, via=list(self.via),
+            resumed=" (TLS session resumed)" if resumed else "",
         )
         self.setRawMode()
 

@@ -250,3 +250,22 @@ class InboundTests(SensorCase):
         self.assertEqual([o.code for o in outcomes], [200])
         self.assertEqual(self.bodies(), [b"inbound"])
         stranger.transport.abortConnection()
+
+
+class ResumptionTests(SensorCase):
+    @inlineCallbacks
+    def test_second_connection_resumes_the_tls_session(self) -> Any:
+        from iapd.client import SensorFactory
+
+        factory = SensorFactory(self.sensor_settings(), reactor)
+        flags = []
+        for i in range(2):
+            proto = yield self.endpoint().connect(factory)
+            yield proto.ready
+            flags.append(proto.resumed)
+            outcome = yield proto.send(IDEF, b"resumed %d" % i)
+            self.assertEqual(outcome.code, 200)
+            proto.transport.loseConnection()
+            yield proto.closed
+        self.assertEqual(flags, [False, True])
+        self.assertEqual(self.bodies(), [b"resumed 0", b"resumed 1"])
