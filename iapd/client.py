@@ -29,8 +29,7 @@ from . import messages as m
 from .errors import IAPFailure, WireError
 from .parser import MAX_LINE, MAX_SETUP_LINES, describe, parse_setup
 from .roles import IAP_ALERT_CONSUMER, role_problem
-from .tls import TLSMaterial, client_options, peer_certificate
-from .tlsutil import session_reused
+from .tls import TLSMaterial, client_options, peer_certificate, session_reused
 
 
 @attr.s(auto_attribs=True)

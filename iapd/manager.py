@@ -37,9 +37,8 @@ from . import messages as m
 from .errors import WireError, bad_request
 from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe, parse_setup
 from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
-from .tlsutil import session_reused
 from .store import AlertRecord
-from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options
+from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options, session_reused
 from .urgent import UrgentDataWatcher
 
 ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))

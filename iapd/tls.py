@@ -180,3 +180,18 @@ def manager_unusable_reason(material: TLSMaterial | None) -> str | None:
     if material.expired():
         return f"the manager certificate is not valid now (valid until {material.not_after():%Y-%m-%d %H:%M} UTC)"
     return None
+
+
+def session_reused(connection: Any) -> bool | None:
+    """
+    Whether a pyOpenSSL connection resumed a session; None when that cannot be told.
+
+    pyOpenSSL has no public call for it, so this asks OpenSSL through the bindings
+    pyOpenSSL itself uses; it is only ever used for logs and tests.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))
+    except (ImportError, AttributeError):
+        return None
