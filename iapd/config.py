@@ -52,7 +52,7 @@ class ManagerConfig:
     listen: tuple[str, ...]
     tls: TLSFiles
     store: str
-    store_path: Path
+    store_path: Path | None  # the SQLite file; None for a postgresql:// store
     allow_sensors: tuple[str, ...]
     allow_networks: tuple[Any, ...]
     setup_timeout: float
@@ -249,12 +249,18 @@ def load_manager(path: Path) -> ManagerConfig:
     store = top.get("store", "sqlite:///alerts.db")
     if not isinstance(store, str):
         raise top.fail("store", f"must be a store URL, got {store!r}")
+    store_path: Path | None = None  # None: a PostgreSQL store, named by the URL alone
     if store.startswith(("postgresql:", "postgres:")):
-        raise top.fail("store", "PostgreSQL stores are not available in this version of iapd; use sqlite:///PATH")
-    try:
-        store_path = sqlite_path(store, base)
-    except StoreError as e:
-        raise top.fail("store", str(e)) from None
+        from .pgstore import url_problem
+
+        problem = url_problem(store)
+        if problem:
+            raise top.fail("store", problem)
+    else:
+        try:
+            store_path = sqlite_path(store, base)
+        except StoreError as e:
+            raise top.fail("store", str(e)) from None
     allow = top.sub("allow", ("sensors", "networks"))
     sensors = allow.strings("sensors", ["*"])
     networks = allow.strings("networks", ["0.0.0.0/0", "::/0"], _network)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_manager
+from .config import ConfigError, ManagerConfig, load_manager
 from .store import StoreError, read_alerts, read_sensors
 
 _RELATIVE = re.compile(r"(\d+)([smhd])\Z")
@@ -86,25 +86,40 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "alerts":
             since = parse_since(args.since) if args.since else None
             _print_alerts(
-                read_alerts(
-                    config.store_path, since=since, sensor=args.sensor, limit=args.limit, heartbeats=args.heartbeats
-                ),
+                _read_alerts(config, since=since, sensor=args.sensor, limit=args.limit, heartbeats=args.heartbeats),
                 args.json,
             )
         elif args.command == "sensors":
-            for s in read_sensors(config.store_path):
+            for s in _read_sensors(config):
                 if args.json:
                     print(json.dumps(s, sort_keys=True))
                 else:
                     print(_sensor_line(s))
         else:
-            return _tail(config.store_path, args)
+            return _tail(config, args)
     except (ConfigError, StoreError, ValueError) as e:
         print(f"iapctl: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
     return 0
+
+
+def _read_alerts(config: ManagerConfig, **kw: Any) -> list[dict[str, Any]]:
+    """The SQLite or the PostgreSQL reader, as the configuration's store URL says."""
+    if config.store_path is None:
+        from .pgstore import read_alerts_pg
+
+        return read_alerts_pg(config.store, **kw)
+    return read_alerts(config.store_path, **kw)
+
+
+def _read_sensors(config: ManagerConfig) -> list[dict[str, Any]]:
+    if config.store_path is None:
+        from .pgstore import read_sensors_pg
+
+        return read_sensors_pg(config.store)
+    return read_sensors(config.store_path)
 
 
 def _when(text: str | None) -> str:
@@ -123,13 +138,13 @@ def _sensor_line(s: dict[str, Any]) -> str:
     )
 
 
-def _tail(path: Path, args: argparse.Namespace) -> int:
-    existing = read_alerts(path, sensor=args.sensor, limit=1)
+def _tail(config: ManagerConfig, args: argparse.Namespace) -> int:
+    existing = _read_alerts(config, sensor=args.sensor, limit=1)
     last = existing[-1]["id"] if existing else 0
     printed = 0
     try:
         while args.count is None or printed < args.count:
-            new = read_alerts(path, sensor=args.sensor, after_id=last, heartbeats=args.heartbeats)
+            new = _read_alerts(config, sensor=args.sensor, after_id=last, heartbeats=args.heartbeats)
             if args.count is not None:
                 new = new[: args.count - printed]
             _print_alerts(new, args.json)

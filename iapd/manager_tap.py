@@ -22,6 +22,7 @@ from zope.interface import implementer
 from . import devmode
 from .config import ConfigError, ManagerConfig, load_manager
 from .manager import ManagerFactory, ManagerSettings
+from .pgstore import PostgresStore
 from .store import SQLiteStore, read_alerts
 
 log = Logger(namespace="iapd.manager")
@@ -170,7 +171,10 @@ def makeService(options: Options) -> service.IService:
 
     config: ManagerConfig = options.manager_config
     top = service.MultiService()
-    store = SQLiteStore(config.store_path, reactor)
+    store = (
+        SQLiteStore(config.store_path, reactor) if config.store_path is not None
+        else PostgresStore(config.store, reactor)
+    )
     StoreService(store, reactor).setServiceParent(top)
     factory = ManagerFactory(settings_from(config, options.material), store, reactor)
     for text in config.listen:

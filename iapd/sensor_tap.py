@@ -1,5 +1,41 @@
-"""C{twistd iap-sensor}: reserved; see L{iapd.reserved_tap}."""
+"""
+C{twistd iap-sensor -c sensor.yaml}: take alerts from the configured inputs, keep them
+in the spool, deliver them to the manager, emit heartbeats.
+"""
 
-from .reserved_tap import reserved
+from __future__ import annotations
 
-Options, makeService = reserved("iap-sensor", "use iap-send -c sensor.yaml FILE... to deliver alerts")
+from pathlib import Path
+
+from twisted.application import service
+from twisted.python import usage
+
+from .config import ConfigError, load_sensor
+from .sensor import SensorService
+
+
+class Options(usage.Options):
+    synopsis = "-c sensor.yaml"
+    longdesc = (
+        "Run an IAP/0.2 sensor: alerts from the inputs (a drop directory, a local socket, "
+        "Suricata's eve.json) are kept in an fsync'd spool until the manager acknowledges them."
+    )
+    optParameters = [["config", "c", None, "the sensor's YAML configuration file"]]
+
+    def postOptions(self) -> None:
+        if self["config"] is None:
+            raise usage.UsageError("-c sensor.yaml is required")
+        path = Path(self["config"])
+        try:
+            self.sensor_config = load_sensor(path)
+            if self.sensor_config.spool is None:
+                raise ConfigError(f"{path}: spool: is required to run the sensor daemon")
+            self.material = self.sensor_config.tls.load(str(path))
+        except ConfigError as e:
+            raise SystemExit(f"twistd iap-sensor: configuration error: {e}") from None
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    return SensorService(options.sensor_config, options.material, reactor)

@@ -132,13 +132,6 @@ def test_ctl_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and "iapctl: error:" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_reserved_roles_say_so(tmp_path: Path) -> None:
-    daemon = Daemon(["iap-sensor", "-c", "sensor.yaml"], tmp_path)
-    code = daemon.proc.wait(60)
-    daemon.stop(signal.SIGKILL)
-    assert code != 0 and "iap-sensor is not available in this version" in daemon.log()
-
-
 def test_proxy_needs_its_configuration(tmp_path: Path) -> None:
     daemon = Daemon(["iap-proxy"], tmp_path)
     code = daemon.proc.wait(60)

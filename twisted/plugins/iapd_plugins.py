@@ -13,7 +13,6 @@ iap_proxy = ServiceMaker(
     "IAP proxy", "iapd.proxy_tap", "IAP/0.2 proxy: relays sensors to managers across perimeters", "iap-proxy"
 )
 
-# Reserved for the sensor daemon of a later version; today it stops with a clear message.
 iap_sensor = ServiceMaker(
-    "IAP sensor", "iapd.sensor_tap", "IAP/0.2 sensor daemon: spools and delivers alerts", "iap-sensor"
+    "IAP sensor", "iapd.sensor_tap", "IAP/0.2 sensor: spools alerts from its inputs and delivers them", "iap-sensor"
 )

@@ -1,0 +1,220 @@
+"""
+Delivery from the spool to the manager, for as long as the sensor runs.
+
+One connection at a time carries the spooled alerts in order, pipelined up to the
+window.  A 200 acknowledges the alert in the spool; the spool moves only over
+contiguous acknowledgements, so anything after a gap is sent again on the next
+connection and the manager's deduplication keeps the store exactly-once.  Nothing ends
+delivery for good: a refused certificate, a 403, a 503, an unreachable hop all lead to
+the same place, a reconnection after a capped exponential backoff with jitter, with the
+reason logged once each time it changes.  Alerts the manager refuses for ever (400,
+413, 415) are moved out of the spool into C{rejected/} with the reason, so that one bad
+alert cannot block the others.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .client import ClientState, Outcome, SensorFactory, SensorProtocol, SensorSettings
+from .errors import REASONS
+from .spool import Record, Spool
+
+PERMANENT = frozenset({400, 411, 413, 415})
+"""Codes that will not change however often the alert is sent."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; reset after a success."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 60.0, rng: Callable[[], float] = random.random) -> None:
+        self.initial, self.maximum, self.rng = initial, maximum, rng
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** self.failures))
+        self.failures += 1
+        # at least half the ceiling, so that a crowd of sensors spreads but still waits
+        return ceiling * (0.5 + 0.5 * self.rng())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Forwarder:
+    """Keeps one connection to the manager and drains the spool through it."""
+
+    log = Logger()
+
+    def __init__(
+        self, reactor: Any, spool: Spool, settings: SensorSettings, endpoint: Any | None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.spool = spool
+        self.settings = settings
+        self.endpoint = endpoint
+        self.backoff = backoff or Backoff()
+        self.factory = SensorFactory(settings, reactor)
+        self.active: SensorProtocol | None = None
+        self.delivered = 0
+        self._cursor = 0
+        self._reading = False
+        self._running = False
+        self._retry: Any = None
+        self._connecting: Deferred[Any] | None = None
+        self._last_reason: str | None = None
+        self.spool.on_append.append(self._fill)
+
+    # -- connection lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        if self.endpoint is not None:
+            self._connect()
+
+    def stop(self) -> Deferred[None] | None:
+        self._running = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.active is not None and self.active.state != ClientState.CLOSED:
+            closed = self.active.closed
+            self.active.transport.loseConnection()
+            return closed
+        return None
+
+    def _connect(self) -> None:
+        self._retry = None
+        if not self._running or self.active is not None or self.endpoint is None:
+            return
+        d = self.endpoint.connect(self.factory)
+        self._connecting = d
+
+        def connected(proto: SensorProtocol) -> None:
+            self._connecting = None
+            proto.ready.addCallbacks(self.attach, lambda f: self._failed(f.getErrorMessage()))
+
+        def failed(failure: Failure) -> None:
+            self._connecting = None
+            if not self._running:
+                return
+            self._failed(f"cannot connect: {failure.getErrorMessage()}")
+
+        d.addCallbacks(connected, failed)
+
+    def attach(self, proto: SensorProtocol) -> Any:
+        """Use C{proto}, a connection in the data phase (dialled or accepted)."""
+        if self.active is not None or not self._running:
+            proto.transport.loseConnection()
+            return None
+        self.active = proto
+        self.backoff.reset()
+        self._cursor = self.spool.acked  # resend everything not acknowledged
+        self._say(None)
+        self.log.info(
+            "delivering to {manager}{resumed}; {n} alerts waiting",
+            manager=self.settings.manager, n=self.spool.depth,
+            resumed=" (TLS session resumed)" if proto.resumed else "",
+        )
+        proto.closed.addCallback(lambda _: self._lost(proto))
+        self._fill()
+        return None
+
+    def _lost(self, proto: SensorProtocol) -> None:
+        if self.active is proto:
+            self.active = None
+            reason = str(proto._failure) if proto._failure else "connection closed"
+            self._failed(reason)
+
+    def _failed(self, reason: str) -> None:
+        if not self._running:
+            return
+        self._say(reason)
+        if self.endpoint is not None and self._retry is None and self.active is None:
+            delay = self.backoff.next_delay()
+            self._retry = self.reactor.callLater(delay, self._connect)
+
+    def _say(self, reason: str | None) -> None:
+        """Log a delivery problem once each time it changes, not on every retry."""
+        if reason == self._last_reason:
+            return
+        if reason is None:
+            self.log.info("delivery to {manager} works again", manager=self.settings.manager)
+        else:
+            self.log.warn(
+                "cannot deliver to {manager}: {reason}; alerts stay in the spool and delivery is retried",
+                manager=self.settings.manager, reason=reason,
+            )
+        self._last_reason = reason
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        proto = self.active
+        if proto is None or proto.state != ClientState.READY or self._reading:
+            return
+        room = self.settings.window - proto.outstanding
+        if room <= 0:
+            return
+        entries = self.spool.entries_after(self._cursor, room)
+        if not entries:
+            return
+        self._cursor = entries[-1].seq
+        self._reading = True
+
+        def send(records: list[Record]) -> None:
+            self._reading = False
+            if self.active is not proto or proto.state != ClientState.READY:
+                self._cursor = self.spool.acked
+                return
+            for record in records:
+                proto.send(record.content_type, record.body).addCallback(self._outcome, record, proto)
+            self._fill()
+
+        def unreadable(failure: Failure) -> None:
+            self._reading = False
+            self.log.error("cannot read the spool: {why}", why=failure.getErrorMessage())
+            proto.transport.loseConnection()
+
+        self.spool.read(entries).addCallbacks(send, unreadable)
+
+    def _outcome(self, outcome: Outcome, record: Record, proto: SensorProtocol) -> None:
+        first_pending = next(iter(self.spool.pending), None)
+        if outcome.code == 200:
+            if record.seq == first_pending:
+                self.spool.ack(record.seq)
+                self.delivered += 1
+        elif outcome.code in PERMANENT:
+            if record.seq == first_pending:
+                self._reject(record, outcome)
+                self.spool.ack(record.seq)
+        elif outcome.code is not None:
+            # 503 and the like: the manager cannot take it now; start over later
+            if self.active is proto:
+                self._cursor = self.spool.acked
+                proto.transport.loseConnection()
+                self._say(f"manager answered {outcome.code} {REASONS.get(outcome.code, '')}".rstrip())
+        if self.active is proto:
+            self._fill()
+
+    def _reject(self, record: Record, outcome: Outcome) -> None:
+        directory = Path(self.spool.files.directory) / "rejected"
+        directory.mkdir(exist_ok=True, mode=0o700)
+        stem = directory / f"{record.seq:020d}"
+        stem.with_suffix(".alert").write_bytes(record.body)
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"seq": record.seq, "content_type": record.content_type, "code": outcome.code, "reason": outcome.reason}
+        ))
+        self.log.error(
+            "manager refused alert {seq} for good ({code} {phrase}); kept in {path}",
+            seq=record.seq, code=outcome.code, phrase=REASONS.get(outcome.code or 0, ""), path=str(stem) + ".alert",
+        )

@@ -1,0 +1,276 @@
+"""
+Where the sensor daemon takes alerts from.  Each input hands alerts to the spool and
+lets go of them only once the spool has them on disk.
+
+  directory   other programs drop one alert per file (written elsewhere and renamed in,
+              or named *.tmp / .* while being written); a file is removed only after
+              its alert is in the spool.  A crash between the two makes the file be
+              read again: the manager's deduplication keeps the store exactly-once.
+  socket      a Unix socket where local programs write alerts framed as IAP content
+              (Content-Type, Content-Length, body, CRLF CRLF); each is answered
+              IAP/0.2 200 once spooled, 503 when the spool is full.
+  eve         Suricata's eve.json: alert events become IDMEF with the original JSON
+              inside (see iapd.eve); the position read is kept next to the spool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from . import messages as m
+from .errors import WireError
+from .parser import ContentReader, Refused
+from .spool import MAX_BODY, Spool, SpoolFull
+
+log = Logger()
+
+
+class DirectoryInput:
+    """Polls a directory for alert files (portable, and cheap at half a second)."""
+
+    def __init__(self, reactor: Any, spool: Spool, path: Path, content_type: str,
+                 interval: float = 0.5, per_scan: int = 1000) -> None:
+        self.reactor, self.spool, self.path, self.content_type = reactor, spool, Path(path), content_type
+        self.interval, self.per_scan = interval, per_scan
+        self._loop = LoopingCall(self.scan)
+        self._loop.clock = reactor
+        self._busy = False
+        self._warned: set[str] = set()
+
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def scan(self) -> Deferred[Any] | None:
+        if self._busy:
+            return None
+        self._busy = True
+        d = deferToThread(self._read_some)
+        d.addCallback(self._spool_files)
+
+        def done(result: Any) -> Any:
+            self._busy = False
+            return None
+
+        return d.addErrback(lambda f: log.error("directory input {path}: {why}", path=str(self.path),
+                                                why=f.getErrorMessage())).addBoth(done)
+
+    def _read_some(self) -> list[tuple[Path, bytes]]:
+        names = []
+        with os.scandir(self.path) as it:
+            for entry in it:
+                if entry.name.startswith(".") or entry.name.endswith(".tmp") or not entry.is_file(follow_symlinks=False):
+                    continue
+                names.append((entry.stat().st_mtime, entry.name))
+        names.sort()
+        out = []
+        for _, name in names[: self.per_scan]:
+            path = self.path / name
+            try:
+                size = path.stat().st_size
+                if size > MAX_BODY:
+                    if name not in self._warned:
+                        self._warned.add(name)
+                        log.error("directory input: {path} is larger than {max} octets; left in place",
+                                  path=str(path), max=MAX_BODY)
+                    continue
+                out.append((path, path.read_bytes()))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def _spool_files(self, files: list[tuple[Path, bytes]]) -> Deferred[Any]:
+        d: Deferred[Any] = succeed(None)
+        taken: list[Path] = []
+        for path, body in files:
+            def one(_: Any, path: Path = path, body: bytes = body) -> Deferred[Any]:
+                return self.spool.append(self.content_type, body).addCallback(lambda _: taken.append(path))
+            d.addCallback(one)
+
+        def remove(_: Any) -> Deferred[Any]:
+            return deferToThread(_unlink_all, taken)
+
+        def full(failure: Any) -> Deferred[Any]:
+            failure.trap(SpoolFull)  # the rest stay in the directory until there is room
+            return deferToThread(_unlink_all, taken)
+
+        return d.addCallbacks(remove, full)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class _Anything(frozenset):  # type: ignore[type-arg]
+    """The local socket accepts every content type; the manager decides."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+class SocketInputProtocol(Protocol):
+    """One local producer: framed alerts in, one status per alert out, in order."""
+
+    def connectionMade(self) -> None:
+        self.reader = ContentReader(MAX_BODY, _Anything())
+        self._tail: Deferred[Any] = succeed(None)
+        self._closed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.reader.feed(data):
+            if isinstance(event, m.Content):
+                self._answer(self.factory.spool.append(event.content_type, event.body))
+            elif isinstance(event, Refused):
+                self._answer(succeed(event.error.code))
+            else:
+                assert isinstance(event, WireError)
+                self._answer(succeed(event.code), fatal=True)
+                break
+
+    def _answer(self, outcome: Deferred[Any], fatal: bool = False) -> None:
+        def code(result: Any) -> int:
+            return result if isinstance(result, int) and result >= 400 else 200
+
+        def refused(failure: Any) -> int:
+            return 503  # spool full or failing: the producer keeps the alert
+
+        outcome.addCallbacks(code, refused)
+
+        def write(_: Any) -> Deferred[Any]:
+            def send(status: int) -> None:
+                if not self._closed:
+                    self.transport.write(m.status(status))
+                    if fatal:
+                        self.transport.loseConnection()
+            return outcome.addCallback(send)
+
+        self._tail = self._tail.addCallback(write)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closed = True
+
+
+class SocketInput:
+    def __init__(self, reactor: Any, spool: Spool, path: Path, mode: int) -> None:
+        self.reactor, self.spool, self.path, self.mode = reactor, spool, Path(path), mode
+        self.port: Any = None
+
+    def start(self) -> Deferred[Any]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_socket():
+            self.path.unlink()  # left by a previous run
+        factory = Factory.forProtocol(SocketInputProtocol)
+        factory.spool = self.spool  # type: ignore[attr-defined]
+        endpoint = endpoints.UNIXServerEndpoint(self.reactor, str(self.path), mode=self.mode)
+
+        def listening(port: Any) -> None:
+            self.port = port
+
+        return endpoint.listen(factory).addCallback(listening)
+
+    def stop(self) -> Deferred[Any] | None:
+        return self.port.stopListening() if self.port is not None else None
+
+
+class EveInput:
+    """Tails eve.json, converting alert events; the read position survives restarts."""
+
+    def __init__(self, reactor: Any, spool: Spool, path: Path, analyzer_id: str, interval: float = 0.5) -> None:
+        from .eve import EveTail
+
+        self.reactor, self.spool, self.path, self.analyzer_id = reactor, spool, Path(path), analyzer_id
+        tag = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        self.state_file = Path(spool.files.directory) / f"eve-{tag}.offset"
+        self.tail = EveTail()
+        self.offset = 0
+        self.inode: int | None = None
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = reactor
+        self._busy = False
+
+    def start(self) -> None:
+        try:
+            inode, offset = self.state_file.read_text().split()
+            self.inode, self.offset = int(inode), int(offset)
+        except (OSError, ValueError):
+            pass
+        self._loop.start(0.5, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def poll(self) -> Deferred[Any] | None:
+        if self._busy:
+            return None
+        self._busy = True
+        d = deferToThread(self._read)
+        d.addCallback(self._convert)
+
+        def done(_: Any) -> None:
+            self._busy = False
+
+        return d.addErrback(lambda f: log.error("eve input {path}: {why}", path=str(self.path),
+                                                why=f.getErrorMessage())).addBoth(done)
+
+    def _read(self) -> tuple[int, bytes] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        if self.inode != st.st_ino or st.st_size < self.offset:
+            # rotated or truncated: start the new file from its beginning
+            self.inode, self.offset = st.st_ino, 0
+            self.tail = type(self.tail)()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + self.tail.buffered)
+            data = f.read(4 * 1024 * 1024)
+        return self.offset, data
+
+    def _convert(self, read: tuple[int, bytes] | None) -> Deferred[Any] | None:
+        from .eve import eve_to_idmef
+
+        if read is None:
+            return None
+        start, data = read
+        lines = list(self.tail.feed(data))
+        end = start + self.tail.offset_after_last_line
+        d: Deferred[Any] = succeed(None)
+        for line in lines:
+            alert = eve_to_idmef(line, self.analyzer_id)
+            if alert is not None:
+                d.addCallback(lambda _, a=alert: self.spool.append(m.IDEF_ALERT, a))
+
+        def save(_: Any) -> Deferred[Any]:
+            self.offset = end
+            self.tail.rebase()
+            return deferToThread(self._save)
+
+        def full(failure: Any) -> None:
+            failure.trap(SpoolFull)  # re-read from the saved offset once there is room
+            self.tail = type(self.tail)()
+
+        return d.addCallbacks(save, full)
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(f"{self.inode} {self.offset}\n")
+        os.replace(tmp, self.state_file)
