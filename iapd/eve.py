@@ -45,8 +45,8 @@ Decisions, in one place::
   messageid                                 "eve-" + first 32 hex digits of SHA-256 of
                                               the line
   host                                      Analyzer/Node/name
-  timestamp "2026-11-23T10:00:00.1+0000"    CreateTime and DetectTime
-                                              "2026-11-23T10:00:00.1+00:00" with ntpstamp
+  timestamp "2026-11-23T10:00:00.1+0000"    CreateTime and DetectTime, with ntpstamp:
+                                              "2026-11-23T10:00:00.1+00:00"
   timestamp a string but not that form      CreateTime/DetectTime text as given, no
                                               ntpstamp
   timestamp absent or not a string          no CreateTime/DetectTime (never the clock:
@@ -182,7 +182,9 @@ def _convert(raw: bytes, analyzer_id: str) -> bytes | None:
     if not isinstance(alert, dict):
         alert = {}
 
-    root = Element(_P + "IDMEF-Message", {"xmlns:idmef": IDMEF_NAMESPACE, "version": "1.0"})
+    root = Element(
+        _P + "IDMEF-Message", {"xmlns:idmef": IDMEF_NAMESPACE, "version": "1.0"}
+    )
     event = SubElement(root, _P + "Alert", messageid=_messageid(raw))
     _analyzer(event, analyzer_id, record.get("host"))
     timestamp = record.get("timestamp")
@@ -197,7 +199,9 @@ def _convert(raw: bytes, analyzer_id: str) -> bytes | None:
     if severity is not None:
         assessment = SubElement(event, _P + "Assessment")
         SubElement(assessment, _P + "Impact", severity=severity)
-    data = SubElement(event, _P + "AdditionalData", type="string", meaning="suricata-eve")
+    data = SubElement(
+        event, _P + "AdditionalData", type="string", meaning="suricata-eve"
+    )
     SubElement(data, _P + "string").text = _xml(text)
 
     body: bytes = tostring(root, encoding="UTF-8", xml_declaration=True)
@@ -238,7 +242,12 @@ def _analyzer(event: Element, analyzer_id: str, host: object) -> None:
     analyzer = SubElement(
         event,
         _P + "Analyzer",
-        {"analyzerid": _xml(analyzer_id), "name": "suricata", "model": "Suricata", "class": "NIDS"},
+        {
+            "analyzerid": _xml(analyzer_id),
+            "name": "suricata",
+            "model": "Suricata",
+            "class": "NIDS",
+        },
     )
     name = _text(host)
     if name is not None:
@@ -270,9 +279,12 @@ def _parse_timestamp(timestamp: str) -> tuple[str, str | None] | None:
     match = _TIMESTAMP.fullmatch(timestamp)
     if match is None:
         return None
-    year, month, day, hour, minute, second, fraction, zone, sign, zh, zm = match.groups()
+    year, month, day, hour, minute, second = match.groups()[:6]
+    fraction, zone, sign, zh, zm = match.groups()[6:]
     if zone == "Z":
         offset, iso_zone = timedelta(0), "Z"
+    elif int(zm) > 59:
+        return None
     else:
         offset = timedelta(hours=int(zh), minutes=int(zm))
         offset = -offset if sign == "-" else offset
@@ -412,6 +424,11 @@ class EveTail:
     than C{max_line + 1} bytes (the extra one is a CR that may turn out to belong to
     a CRLF).  Each feed's list is bounded by the caller's read size.
 
+    Callers that keep the file offset themselves (L{iapd.inputs.EveInput}) use the
+    relative view instead: read from their offset plus L{buffered}, add
+    L{offset_after_last_line} to their offset once the lines are handled, then call
+    L{rebase}.
+
     @ivar offset: File offset just past the last complete (or skipped) line.
     @ivar max_line: The longest line, in bytes without its terminator, handed back.
     @ivar skipped: How many lines were dropped for being longer than C{max_line}.
@@ -435,11 +452,33 @@ class EveTail:
         # being dropped (then _partial stays empty).
         self._since = 0
         self._dropping = False
+        self._base = offset
 
     @property
     def pending(self) -> int:
         """Bytes held for the unfinished last line (at most C{max_line + 1})."""
         return len(self._partial)
+
+    @property
+    def buffered(self) -> int:
+        """
+        Bytes fed after L{offset}: the unfinished line, or the part of an overlong
+        line already dropped.  The next read starts this far past L{offset}; feeding
+        them again would count them twice.
+        """
+        return self._since
+
+    @property
+    def offset_after_last_line(self) -> int:
+        """L{offset} relative to where it stood at the last L{rebase} (or creation)."""
+        return self.offset - self._base
+
+    def rebase(self) -> None:
+        """
+        Make L{offset_after_last_line} count from here: the caller has added it to
+        its own offset.  The unfinished line is kept.
+        """
+        self._base = self.offset
 
     def feed(self, data: bytes) -> list[bytes]:
         """

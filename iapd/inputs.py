@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from . import messages as m
 from .errors import WireError
+from .eve import EveTail, eve_to_idmef, rotated
 from .parser import ContentReader, Refused
 from .spool import MAX_BODY, Spool, SpoolFull
 
@@ -42,32 +43,38 @@ class DirectoryInput:
                  interval: float = 0.5, per_scan: int = 1000) -> None:
         self.reactor, self.spool, self.path, self.content_type = reactor, spool, Path(path), content_type
         self.interval, self.per_scan = interval, per_scan
-        self._loop = LoopingCall(self.scan)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
-        self._busy = False
+        self._busy: Deferred[Any] | None = None
         self._warned: set[str] = set()
 
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self._loop.start(self.interval, now=True)
 
+    def _tick(self) -> None:
+        if self._busy is None:
+            self.scan()
+
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
 
-    def scan(self) -> Deferred[Any] | None:
-        if self._busy:
-            return None
-        self._busy = True
+    def scan(self) -> Deferred[Any]:
+        """Take what the directory holds; fires when it is spooled (or the scan in progress is)."""
+        if self._busy is not None:
+            return _chained(self._busy)
         d = deferToThread(self._read_some)
         d.addCallback(self._spool_files)
 
-        def done(result: Any) -> Any:
-            self._busy = False
-            return None
+        def done(_: Any) -> None:
+            self._busy = None
 
-        return d.addErrback(lambda f: log.error("directory input {path}: {why}", path=str(self.path),
-                                                why=f.getErrorMessage())).addBoth(done)
+        d.addErrback(lambda f: log.error("directory input {path}: {why}", path=str(self.path),
+                                         why=f.getErrorMessage()))
+        d.addBoth(done)
+        self._busy = d
+        return _chained(d)
 
     def _read_some(self) -> list[tuple[Path, bytes]]:
         names = []
@@ -109,6 +116,13 @@ class DirectoryInput:
             return deferToThread(_unlink_all, taken)
 
         return d.addCallbacks(remove, full)
+
+
+def _chained(d: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred that fires with C{d}, without taking C{d}'s result from others."""
+    out: Deferred[Any] = Deferred()
+    d.addBoth(lambda result: (out.callback(None), result)[1])
+    return out
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -194,60 +208,66 @@ class EveInput:
     """Tails eve.json, converting alert events; the read position survives restarts."""
 
     def __init__(self, reactor: Any, spool: Spool, path: Path, analyzer_id: str, interval: float = 0.5) -> None:
-        from .eve import EveTail
-
         self.reactor, self.spool, self.path, self.analyzer_id = reactor, spool, Path(path), analyzer_id
         tag = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
         self.state_file = Path(spool.files.directory) / f"eve-{tag}.offset"
         self.tail = EveTail()
         self.offset = 0
         self.inode: int | None = None
-        self._loop = LoopingCall(self.poll)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
-        self._busy = False
+        self._busy: Deferred[Any] | None = None
 
     def start(self) -> None:
         try:
             inode, offset = self.state_file.read_text().split()
             self.inode, self.offset = int(inode), int(offset)
         except (OSError, ValueError):
-            pass
+            pass  # first run (or an unreadable state): read the file from its start
         self._loop.start(0.5, now=True)
+
+    def _tick(self) -> None:
+        if self._busy is None:
+            self.poll()
 
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
 
-    def poll(self) -> Deferred[Any] | None:
-        if self._busy:
-            return None
-        self._busy = True
+    def poll(self) -> Deferred[Any]:
+        """Read what was appended; fires when it is spooled (or the poll in progress is)."""
+        if self._busy is not None:
+            return _chained(self._busy)
         d = deferToThread(self._read)
         d.addCallback(self._convert)
 
         def done(_: Any) -> None:
-            self._busy = False
+            self._busy = None
 
-        return d.addErrback(lambda f: log.error("eve input {path}: {why}", path=str(self.path),
-                                                why=f.getErrorMessage())).addBoth(done)
+        d.addErrback(lambda f: log.error("eve input {path}: {why}", path=str(self.path), why=f.getErrorMessage()))
+        d.addBoth(done)
+        self._busy = d
+        return _chained(d)
 
     def _read(self) -> tuple[int, bytes] | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        if self.inode != st.st_ino or st.st_size < self.offset:
-            # rotated or truncated: start the new file from its beginning
-            self.inode, self.offset = st.st_ino, 0
-            self.tail = type(self.tail)()
+        if rotated(self.inode, self.offset, st):
+            # moved-and-created or truncated: start the new file from its beginning
+            if self.inode is not None:
+                log.info("eve input {path}: the file was rotated; reading the new one from its start",
+                         path=str(self.path))
+            self.offset = 0
+            self.tail = EveTail()
+        self.inode = st.st_ino
         with open(self.path, "rb") as f:
             f.seek(self.offset + self.tail.buffered)
             data = f.read(4 * 1024 * 1024)
         return self.offset, data
 
     def _convert(self, read: tuple[int, bytes] | None) -> Deferred[Any] | None:
-        from .eve import eve_to_idmef
-
         if read is None:
             return None
         start, data = read
@@ -264,11 +284,13 @@ class EveInput:
             self.tail.rebase()
             return deferToThread(self._save)
 
-        def full(failure: Any) -> None:
-            failure.trap(SpoolFull)  # re-read from the saved offset once there is room
-            self.tail = type(self.tail)()
+        def not_taken(failure: Any) -> None:
+            # re-read from the saved offset next time: nothing past it is skipped
+            self.tail = EveTail()
+            if not failure.check(SpoolFull):
+                log.error("eve input {path}: cannot spool: {why}", path=str(self.path), why=failure.getErrorMessage())
 
-        return d.addCallbacks(save, full)
+        return d.addCallbacks(save, not_taken)
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")

@@ -133,3 +133,49 @@ class FairnessTests(unittest.TestCase):
         order = [a["sensor"] for a in read_alerts(path)]
         # the quiet sensor's three alerts are all in the first batch of ten
         self.assertEqual(order[:10].count("quiet.test"), 3)
+
+
+class EveInputTests(unittest.TestCase):
+    """Suricata's eve.json tailed into a real spool: converted, resumed, rotated."""
+
+    ALERT = (
+        b'{"timestamp":"2026-11-23T10:00:00.000001+0000","event_type":"alert","src_ip":"192.0.2.1",'
+        b'"src_port":1234,"dest_ip":"198.51.100.2","dest_port":80,"proto":"TCP",'
+        b'"alert":{"signature":"ET TEST %d","signature_id":%d,"severity":2}}\n'
+    )
+
+    @inlineCallbacks
+    def test_alerts_are_spooled_once_across_restarts_and_rotation(self) -> Any:
+        from iapd.idmef import summarize
+        from iapd.inputs import EveInput
+
+        root = Path(self.mktemp())
+        root.mkdir(parents=True)
+        eve = root / "eve.json"
+        spool = Spool(root / "spool", reactor)
+        yield spool.open()
+        self.addCleanup(spool.close)
+        with open(eve, "wb") as f:
+            f.write(self.ALERT % (1, 1) + b'{"event_type":"flow"}\n' + self.ALERT % (2, 2))
+            f.write(b'{"event_type":"alert","partial')  # Suricata caught mid-write
+        first = EveInput(reactor, spool, eve, "sensor1.test")
+        first.start()
+        yield first.poll()
+        first.stop()
+        self.assertEqual(spool.depth, 2)
+        # a restart resumes after the last complete line: nothing twice, nothing skipped
+        with open(eve, "ab") as f:
+            f.write(b'"}\n' + self.ALERT % (3, 3))
+        second = EveInput(reactor, spool, eve, "sensor1.test")
+        second.start()
+        yield second.poll()
+        self.assertEqual(spool.depth, 3)
+        # rotation: the path now names a new file, read from its start
+        eve.rename(root / "eve.json.1")
+        eve.write_bytes(self.ALERT % (4, 4))
+        yield second.poll()
+        second.stop()
+        self.assertEqual(spool.depth, 4)
+        records = yield spool.read(list(spool.pending.values()))
+        classes = [summarize(r.body)["classification"] for r in records]  # type: ignore[index]
+        self.assertEqual(classes, ["ET TEST 1", "ET TEST 2", "ET TEST 3", "ET TEST 4"])
