@@ -23,7 +23,7 @@ from . import devmode
 from .config import ConfigError, ManagerConfig, load_manager
 from .manager import ManagerFactory, ManagerSettings
 from .pgstore import PostgresStore
-from .store import SQLiteStore, read_alerts
+from .store import GroupCommitStore, SQLiteStore, read_alerts
 
 log = Logger(namespace="iapd.manager")
 
@@ -62,7 +62,7 @@ class Options(usage.Options):
 class StoreService(service.Service):
     """Opens the store at start; closes it last, after the listeners stopped."""
 
-    def __init__(self, store: SQLiteStore, reactor: Any) -> None:
+    def __init__(self, store: GroupCommitStore, reactor: Any) -> None:
         self.store = store
         self.reactor = reactor
 
@@ -196,7 +196,7 @@ def makeService(options: Options) -> service.IService:
     log.info(
         "manager {identity}: listening on {listen}, dialing {dial}, store {store}, setup timeout {t}s,"
         " max content {n} octets",
-        identity=config.identity, listen=list(config.listen), dial=list(config.dial), store=str(config.store_path),
+        identity=config.identity, listen=list(config.listen), dial=list(config.dial), store=str(store.backend),
         t=config.setup_timeout, n=config.max_content_length,
     )
     return top

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime
 import re
-import urllib.parse
 from typing import Any, Sequence
 
 from .store import GroupCommitStore, Row, Seen, StoreError, heartbeat_overdue
@@ -77,8 +76,8 @@ SCHEMA = (
 )
 
 INSERT_ALERT = (
-    "INSERT INTO alerts (sensor, received, content_type, sha256, via, peer, body, idmef)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+    "INSERT INTO alerts (id, sensor, received, content_type, sha256, via, peer, body, idmef)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (sensor, sha256) DO NOTHING RETURNING id"
 )
 
@@ -121,22 +120,23 @@ def _psycopg() -> Any:
 
 def redact(url: str) -> str:
     """C{url} without its password (in the authority or as a C{password=} parameter)."""
-    if url.startswith(SCHEMES):
-        try:
-            parts = urllib.parse.urlsplit(url)
-        except ValueError:
-            return re.sub(r"//[^@/]*@", "//***@", url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hosts = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}@{hosts}" if user else hosts
-        query = "&".join(
-            item for item in parts.query.split("&") if item and not item.lower().startswith("password=")
-        )
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    # key=value connection strings
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
+    scheme = next((prefix for prefix in SCHEMES if url.startswith(prefix)), None)
+    if scheme is None:
+        # key=value connection strings
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
+    rest = url[len(scheme):]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" in authority:
+        userinfo, _, hosts = authority.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        authority = f"{user}@{hosts}" if user else hosts
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        kept = [item for item in query.split("&") if item and not item.lower().startswith("password=")]
+        tail = path + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
+    return scheme + authority + tail
 
 
 def url_problem(url: str) -> str | None:
@@ -170,9 +170,10 @@ def _password(url: str) -> str | None:
     try:
         import psycopg
 
-        return psycopg.conninfo.conninfo_to_dict(url).get("password") or None
-    except Exception:
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    except Exception:  # no psycopg, or not a URL: then libpq echoed nothing either
         return None
+    return str(password) if password else None
 
 
 def _conninfo(url: str) -> str:
@@ -313,15 +314,24 @@ class PostgresBackend:
     def _transaction(self, conn: Any, rows: Sequence[Row], seen: Seen) -> list[bool]:
         from psycopg.types.json import Jsonb
 
-        # one global lock order for every manager: alerts by key, then sensors by name
+        # One global lock order for every manager: alerts by key, then sensors by name.
+        # The ids still follow the order the alerts arrived in (iapctl lists by id): they
+        # are taken from the sequence first, in arrival order, and given out by position.
         order = sorted(range(len(rows)), key=lambda i: (rows[i].record.sensor, rows[i].record.sha256))
+        ids: list[int] = []
+        if rows:
+            ids = sorted(
+                r[0] for r in conn.execute(
+                    "SELECT nextval(pg_get_serial_sequence('alerts', 'id')) FROM generate_series(1, %s)", (len(rows),)
+                )
+            )
         params = []
         for i in order:
             r = rows[i].record
             summary = rows[i].summary
             params.append((
-                r.sensor, _timestamp(r.received), r.content_type, r.sha256, Jsonb(list(r.via)), r.peer, r.body,
-                None if summary is None else Jsonb(_clean(summary)),
+                ids[i], r.sensor, _timestamp(r.received), r.content_type, r.sha256, Jsonb(_clean(list(r.via))),
+                r.peer, r.body, None if summary is None else Jsonb(_clean(summary)),
             ))
         sensors = self._sensor_updates(rows, seen)
         results = [False] * len(rows)

@@ -82,7 +82,7 @@ BAD_MANAGER = [
     ("ca: PKI/ca.crt", "ca: PKI/manager.test.key", "holds no PEM certificate"),
     ("tls: {certificate", "tls: {certficate", "tls.certficate: unknown key"),
     ('store: "sqlite:///alerts.db"', 'store: "mysql://x/y"', "store: not an SQLite URL"),
-    ('store: "sqlite:///alerts.db"', 'store: "postgresql://u@h/db"', "store: PostgreSQL stores are not available"),
+    ('store: "sqlite:///alerts.db"', 'store: "postgresql://u@h:notaport/db"', "store: not a PostgreSQL URL"),
     ('networks: ["127.0.0.0/8"]', 'networks: ["127.0.0.0/33"]', "allow.networks: '127.0.0.0/33': not a network"),
     ("allow: {sensors", "allow: {sensor", "allow.sensor: unknown key"),
     ("setup_timeout: 5", "setup_timeout: 0", "limits.setup_timeout: must be a number of seconds above 0"),
