@@ -21,13 +21,13 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, ITLSTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import messages as m
 from .errors import IAPFailure, WireError
-from .parser import MAX_LINE, MAX_SETUP_LINES, describe, parse_setup
+from .parser import MAX_LINE, MAX_SETUP_LINES, describe
+from .setupreceiver import SetupReceiver
 from .roles import IAP_ALERT_CONSUMER, role_problem
 from .tls import TLSMaterial, client_options, peer_certificate, session_reused
 
@@ -86,7 +86,7 @@ def describe_connection_failure(reason: Failure) -> str:
 
 
 @implementer(IHandshakeListener)
-class SensorProtocol(LineReceiver):
+class SensorProtocol(SetupReceiver):
     """
     Drive one connection to READY, then carry alerts.
 
@@ -94,8 +94,6 @@ class SensorProtocol(LineReceiver):
     the manager (or a proxy) answered; C{closed} fires when the connection is gone.
     """
 
-    delimiter = b"\r\n"
-    MAX_LENGTH = MAX_LINE
     log = Logger()
 
     def __init__(self, settings: SensorSettings, reactor: Any) -> None:
@@ -104,7 +102,6 @@ class SensorProtocol(LineReceiver):
         self.state = ClientState.CONNECT_SENT
         self.ready: Deferred[SensorProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
-        self._lines: list[bytes] = []
         self._queue: collections.deque[tuple[bytes, Deferred[Outcome]]] = collections.deque()
         self._in_flight: collections.deque[Deferred[Outcome]] = collections.deque()
         self._failure: IAPFailure | None = None
@@ -124,28 +121,18 @@ class SensorProtocol(LineReceiver):
 
     # -- setup ---------------------------------------------------------------------
 
-    def lineReceived(self, line: bytes) -> None:
-        if self.state in (ClientState.CLOSED, ClientState.UPGRADE_ACCEPTED):
-            return
-        if line:
-            if len(self._lines) >= MAX_SETUP_LINES:
-                self._abort(IAPFailure(f"manager sent more than {MAX_SETUP_LINES} lines in one message"))
-                return
-            self._lines.append(line)
-            return
-        lines, self._lines = self._lines, []
-        message = parse_setup(lines)
-        if isinstance(message, WireError):
-            self._abort(IAPFailure(f"malformed message from peer: {message.reason}"))
-            return
+    def setup_active(self) -> bool:
+        return self.state not in (ClientState.CLOSED, ClientState.UPGRADE_ACCEPTED)
+
+    def setup_failed(self, error: WireError) -> None:
+        self._abort(IAPFailure(f"malformed message from peer: {error.reason}"))
+
+    def setup_received(self, message: Any, lines: list[bytes]) -> None:
         if self.state == ClientState.READY:
             self._acknowledged(message)
             return
         handler: Callable[[Any], None] = getattr(self, "_on_" + self.state.lower(), self._unexpected)
         handler(message)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._abort(IAPFailure(f"peer sent a line longer than {MAX_LINE} octets"))
 
     def _unexpected(self, message: object) -> None:
         self._abort(IAPFailure(f"unexpected {describe(type(message))} in state {self.state}"))
@@ -175,7 +162,7 @@ class SensorProtocol(LineReceiver):
         self.setRawMode()
 
     def dataReceived(self, data: bytes) -> None:
-        LineReceiver.dataReceived(self, data)
+        SetupReceiver.dataReceived(self, data)
         if self.state == ClientState.UPGRADE_ACCEPTED:
             self.state = ClientState.HANDSHAKE
             # the sensor is the TLS client even on a connection the manager dialed

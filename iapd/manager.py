@@ -30,12 +30,12 @@ import attr
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from . import messages as m
 from .errors import WireError, bad_request
-from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe, parse_setup
+from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe
+from .setupreceiver import SetupReceiver, describe_peer
 from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
 from .store import AlertRecord
 from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options, session_reused
@@ -109,26 +109,21 @@ class _Pending:
 
 
 @implementer(IHandshakeListener)
-class ManagerProtocol(LineReceiver):
+class ManagerProtocol(SetupReceiver):
     """One sensor connection, from CONNECT to close."""
 
-    delimiter = b"\r\n"
-    MAX_LENGTH = MAX_LINE
     log = Logger()
     factory: "ManagerFactory"
 
     def connectionMade(self) -> None:
         f = self.factory
         self.conn_id = f.next_connection_id()
-        peer = self.transport.getPeer()
-        self.peer_host = getattr(peer, "host", "")
-        self.peer = f"{self.peer_host}:{getattr(peer, 'port', '')}"
+        self.peer_host, self.peer = describe_peer(self.transport)
         self.state = State.CONNECT
         self.sensor: str | None = None
         self.via: tuple[str, ...] = ()
         self.version = m.PROTOCOL
         self.stored = self.duplicates = self.rejected = 0
-        self._lines: list[bytes] = []
         self._handshake_buffer = b""
         self._reader: ContentReader | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
@@ -151,25 +146,15 @@ class ManagerProtocol(LineReceiver):
 
     # -- setup phase: whole messages, one state each -------------------------------
 
-    def lineReceived(self, line: bytes) -> None:
-        if self.state in (State.CLOSED, State.UPGRADE_REQUESTED):
-            return
-        if line:
-            if len(self._lines) >= MAX_SETUP_LINES:
-                self._fail(bad_request(f"more than {MAX_SETUP_LINES} lines in a setup message"))
-                return
-            self._lines.append(line)
-            return
-        lines, self._lines = self._lines, []
-        message = parse_setup(lines)
-        if isinstance(message, WireError):
-            self._fail(message)
-            return
+    def setup_active(self) -> bool:
+        return self.state not in (State.CLOSED, State.UPGRADE_REQUESTED)
+
+    def setup_received(self, message: Any, lines: list[bytes]) -> None:
         handler: Callable[[Any], None] = getattr(self, "_on_" + self.state.lower())
         handler(message)
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail(bad_request(f"line longer than {MAX_LINE} octets"))
+    def setup_failed(self, error: WireError) -> None:
+        self._fail(error)
 
     def _expect(self, message: object, kind: type) -> bool:
         if isinstance(message, kind):
@@ -214,7 +199,7 @@ class ManagerProtocol(LineReceiver):
         self.setRawMode()
 
     def dataReceived(self, data: bytes) -> None:
-        LineReceiver.dataReceived(self, data)
+        SetupReceiver.dataReceived(self, data)
         if self.state == State.UPGRADE_REQUESTED:
             self.state = State.HANDSHAKE
             self.transport.write(m.status(101))

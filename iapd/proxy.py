@@ -25,12 +25,12 @@ from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 
 from . import messages as m
 from .errors import WireError, bad_request
 from .manager import ANY_NETWORK, network_allowed
-from .parser import MAX_HEADER_BYTES, MAX_LINE, MAX_SETUP_LINES, describe, parse_setup
+from .parser import MAX_HEADER_BYTES, describe, parse_setup
+from .setupreceiver import SetupReceiver, describe_peer
 
 # After one side has gone, how long the other may take to flush what it still holds.
 CLOSE_GRACE = 10.0
@@ -118,23 +118,18 @@ class UpstreamProtocol(Protocol):
         self.downstream.upstream_lost()
 
 
-class ProxyProtocol(LineReceiver):
+class ProxyProtocol(SetupReceiver):
     """One client connection: setup with the client, then a pipe to the next hop."""
 
-    delimiter = b"\r\n"
-    MAX_LENGTH = MAX_LINE
     log = Logger()
     factory: "ProxyFactory"
 
     def connectionMade(self) -> None:
         f = self.factory
         self.conn_id = f.next_connection_id()
-        peer = self.transport.getPeer()
-        self.peer_host = getattr(peer, "host", "")
-        self.peer = f"{self.peer_host}:{getattr(peer, 'port', '')}"
+        self.peer_host, self.peer = describe_peer(self.transport)
         self.state = "CONNECT"
         self.version = m.PROTOCOL
-        self._lines: list[bytes] = []
         self._early = b""
         self.upstream: UpstreamProtocol | None = None
         self._connecting: Deferred[Any] | None = None
@@ -156,27 +151,20 @@ class ProxyProtocol(LineReceiver):
             assert self.upstream is not None
             forward(self.upstream.transport, data)
         elif self.state == "CONNECT":
-            LineReceiver.dataReceived(self, data)
+            SetupReceiver.dataReceived(self, data)
         elif self.state == "UPSTREAM":
             # bytes sent before the next hop answered: hold them, bounded
             self._early += data
             if len(self._early) > MAX_HEADER_BYTES:
                 self._refuse(bad_request("client sent too much before the setup was answered"))
 
-    def lineReceived(self, line: bytes) -> None:
-        if self.state != "CONNECT":
-            return
-        if line:
-            if len(self._lines) >= MAX_SETUP_LINES:
-                self._refuse(bad_request(f"more than {MAX_SETUP_LINES} lines in a setup message"))
-                return
-            self._lines.append(line)
-            return
-        lines, self._lines = self._lines, []
-        message = parse_setup(lines)
-        if isinstance(message, WireError):
-            self._refuse(message)
-            return
+    def setup_active(self) -> bool:
+        return self.state == "CONNECT"
+
+    def setup_failed(self, error: WireError) -> None:
+        self._refuse(error)
+
+    def setup_received(self, message: Any, lines: list[bytes]) -> None:
         if not isinstance(message, m.ConnectRequest):
             self._refuse(bad_request(f"expected CONNECT request, got {describe(type(message))}"))
             return
@@ -203,9 +191,6 @@ class ProxyProtocol(LineReceiver):
     def rawDataReceived(self, data: bytes) -> None:
         # only reached for bytes that followed the CONNECT block in the same read
         self._early += data
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuse(bad_request(f"line longer than {MAX_LINE} octets"))
 
     def _connect(self, route: Route, request: bytes) -> None:
         f = self.factory
