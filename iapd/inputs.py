@@ -31,7 +31,7 @@ from . import messages as m
 from .errors import WireError
 from .eve import EveTail, eve_to_idmef, rotated
 from .parser import ContentReader, Refused
-from .spool import MAX_BODY, Spool, SpoolFull
+from .spool import MAX_BODY, Spool, SpoolFull, TooLarge
 
 log = Logger()
 
@@ -89,11 +89,9 @@ class DirectoryInput:
             path = self.path / name
             try:
                 size = path.stat().st_size
-                if size > MAX_BODY:
-                    if name not in self._warned:
-                        self._warned.add(name)
-                        log.error("directory input: {path} is larger than {max} octets; left in place",
-                                  path=str(path), max=MAX_BODY)
+                if size > min(MAX_BODY, self.spool.max_bytes):
+                    _warn_once(self._warned, name, "directory input: {path} ({size} octets) can never fit in the"
+                               " spool; left in place", path=str(path), size=size)
                     continue
                 out.append((path, path.read_bytes()))
             except FileNotFoundError:
@@ -105,7 +103,8 @@ class DirectoryInput:
         taken: list[Path] = []
         for path, body in files:
             def one(_: Any, path: Path = path, body: bytes = body) -> Deferred[Any]:
-                return self.spool.append(self.content_type, body).addCallback(lambda _: taken.append(path))
+                appended = self.spool.append(self.content_type, body).addCallback(lambda _: taken.append(path))
+                return appended.addErrback(self._too_large, path)
             d.addCallback(one)
 
         def remove(_: Any) -> Deferred[Any]:
@@ -116,6 +115,18 @@ class DirectoryInput:
             return deferToThread(_unlink_all, taken)
 
         return d.addCallbacks(remove, full)
+
+    def _too_large(self, failure: Any, path: Path) -> None:
+        """A file that can never fit is left where it is; the others go on."""
+        failure.trap(TooLarge)
+        _warn_once(self._warned, path.name, "directory input: {path} is left in place: {why}",
+                   path=str(path), why=failure.getErrorMessage())
+
+
+def _warn_once(warned: set[str], key: str, message: str, **fields: Any) -> None:
+    if key not in warned:
+        warned.add(key)
+        log.error(message, **fields)
 
 
 def _chained(d: Deferred[Any]) -> Deferred[Any]:
@@ -164,6 +175,8 @@ class SocketInputProtocol(Protocol):
             return result if isinstance(result, int) and result >= 400 else 200
 
         def refused(failure: Any) -> int:
+            if failure.check(TooLarge):
+                return 413  # never: the producer should not try again
             return 503  # spool full or failing: the producer keeps the alert
 
         outcome.addCallbacks(code, refused)
@@ -277,7 +290,7 @@ class EveInput:
         for line in lines:
             alert = eve_to_idmef(line, self.analyzer_id)
             if alert is not None:
-                d.addCallback(lambda _, a=alert: self.spool.append(m.IDEF_ALERT, a))
+                d.addCallback(lambda _, a=alert: self.spool.append(m.IDEF_ALERT, a).addErrback(self._too_large))
 
         def save(_: Any) -> Deferred[Any]:
             self.offset = end
@@ -291,6 +304,11 @@ class EveInput:
                 log.error("eve input {path}: cannot spool: {why}", path=str(self.path), why=failure.getErrorMessage())
 
         return d.addCallbacks(save, not_taken)
+
+    def _too_large(self, failure: Any) -> None:
+        failure.trap(TooLarge)
+        log.error("eve input {path}: an alert event is skipped: {why}", path=str(self.path),
+                  why=failure.getErrorMessage())
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")

@@ -361,6 +361,11 @@ class ManagerProtocol(SetupReceiver):
         if out and self.state != State.CLOSED:
             self.transport.write(b"".join(out))
 
+    @property
+    def in_flight(self) -> int:
+        """Alerts read from this connection and not yet answered."""
+        return len(self._pending)
+
     def _apply_backpressure(self) -> None:
         if self.state != State.DATA:
             return

@@ -55,6 +55,10 @@ class SpoolFull(SpoolError):
     """Accepting this alert would exceed the spool's bound: leave it with its producer."""
 
 
+class TooLarge(SpoolError):
+    """The alert is larger than the whole spool may hold: it can never be accepted."""
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Entry:
     """Where one pending record lives on disk."""
@@ -378,6 +382,9 @@ class Spool:
     def append(self, content_type: str, body: bytes) -> Deferred[int]:
         d: Deferred[int] = Deferred()
         size = len(body) + len(content_type) + _HEAD.size
+        if size > self.max_bytes or len(body) > MAX_BODY:
+            d.errback(TooLarge(f"an alert of {len(body)} octets can never fit in a spool of {self.max_bytes}"))
+            return d
         if self.pending_bytes + size > self.max_bytes:
             if not self._full_logged:
                 self._full_logged = True

@@ -136,3 +136,38 @@ class StoreDownTests(ManagerCase):
         peer.transport.write(content(b"while down"))
         yield self.expect(peer, OK)
         self.assertEqual([a["body"] for a in self.stored()], [b"while down"])
+
+
+class SlowStoreTests(ManagerCase):
+    """The store cannot commit (another writer holds the lock): the manager stops reading."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_manager_stops_reading_instead_of_buffering(self) -> Any:
+        from twisted.internet.task import deferLater
+
+        from iapd.manager import MAX_IN_FLIGHT
+
+        peer = yield self.ready_peer()
+        locker = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        locker.execute("BEGIN EXCLUSIVE")
+
+        def release() -> None:
+            if locker.in_transaction:
+                locker.execute("ROLLBACK")
+
+        self.addCleanup(release)  # runs before the store's close, even if we fail
+        count = MAX_IN_FLIGHT * 3
+        peer.transport.write(b"".join(content(b"pressure %06d" % i) for i in range(count)))
+        # give the manager time to read all it is willing to read
+        for _ in range(40):
+            yield deferLater(reactor, 0.05)
+        [proto] = list(self.factory.connections)
+        # bounded near the limit (TLS hands over what it already decrypted), not `count`
+        self.assertLess(proto.in_flight, MAX_IN_FLIGHT * 1.5)
+        self.assertTrue(proto._paused)
+        release()
+        yield within(peer.until_length(count * len(OK)), 90)
+        self.assertEqual(peer.take(), OK * count)
+        self.assertEqual(len(self.stored()), count)
