@@ -29,6 +29,7 @@ from .errors import IAPFailure, WireError
 from .parser import MAX_LINE, MAX_SETUP_LINES, describe
 from .setupreceiver import SetupReceiver
 from .roles import IAP_ALERT_CONSUMER, role_problem
+from .urgent import UrgentDataWatcher
 from .tls import TLSMaterial, client_options, peer_certificate, session_reused
 
 
@@ -110,12 +111,17 @@ class SensorProtocol(SetupReceiver):
         self._ack_timer: Any = None
         self.resumed: bool | None = None
         """Whether the TLS handshake resumed an earlier session (draft 6.7)."""
+        self._urgent_fd: int | None = None
 
     def connectionMade(self) -> None:
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
             pass
+        # draft 6.2: an endpoint terminates a connection that carries urgent data
+        self._urgent_fd = self.factory.urgent.watch(
+            self.transport, lambda: self._abort(IAPFailure("TCP urgent data received (draft 6.2)"), hard=True)
+        )
         self._deadline = self.reactor.callLater(self.settings.setup_timeout, self._setup_expired)
         self.transport.write(m.ConnectRequest(m.PROTOCOL, self.settings.manager).to_bytes())
 
@@ -275,15 +281,19 @@ class SensorProtocol(SetupReceiver):
     def _setup_expired(self) -> None:
         self._abort(IAPFailure(f"setup not completed within {self.settings.setup_timeout}s (state {self.state})"))
 
-    def _abort(self, failure: IAPFailure) -> None:
+    def _abort(self, failure: IAPFailure, hard: bool = False) -> None:
         if self.state == ClientState.CLOSED:
             return
         self._failure = failure
         self.log.warn("connection to {manager}: {failure}", manager=self.settings.manager, failure=str(failure))
         self.state = ClientState.CLOSED
-        self.transport.loseConnection()
+        if hard:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.urgent.unwatch(self._urgent_fd)
         for timer in (self._deadline, self._ack_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -316,6 +326,7 @@ class SensorFactory(Factory):
     def __init__(self, settings: SensorSettings, reactor: Any) -> None:
         self.settings = settings
         self.reactor = reactor
+        self.urgent = UrgentDataWatcher(reactor)
         self._tls: Any = None
 
     def buildProtocol(self, addr: Any) -> SensorProtocol:

@@ -269,3 +269,39 @@ class ResumptionTests(SensorCase):
             yield proto.closed
         self.assertEqual(flags, [False, True])
         self.assertEqual(self.bodies(), [b"resumed 0", b"resumed 1"])
+
+
+class UrgentDataTests(SensorCase):
+    @inlineCallbacks
+    def test_urgent_data_from_the_manager_side_ends_the_connection(self) -> Any:
+        """Draft 6.2 binds both endpoints: the sensor drops a connection that carries it."""
+        import socket as socketlib
+
+        from twisted.internet.protocol import Factory
+
+        from .support import RawPeer
+
+        peers: list[RawPeer] = []
+
+        class Urgent(RawPeer):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                if b"\r\n\r\n" in self.buffer and not getattr(self, "sent", False):
+                    self.sent = True
+                    self.transport.socket.send(b"!", socketlib.MSG_OOB)
+
+        def build() -> RawPeer:
+            peers.append(Urgent())
+            return peers[-1]
+
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        outcomes = yield deliver(
+            reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+            self.sensor_settings(), [(IDEF, b"x")],
+        ).addTimeout(WAIT, reactor)
+        self.assertIsNone(outcomes[0].code)
+        self.assertIn("urgent data", outcomes[0].reason)
+        for peer in peers:
+            if peer.connected_:
+                peer.transport.abortConnection()
