@@ -256,7 +256,7 @@ class SensorProtocol(SetupReceiver):
 
     def _ack_expired(self) -> None:
         self._ack_timer = None
-        self._abort(IAPFailure(f"no acknowledgement within {self.settings.ack_timeout:g}s"))
+        self._abort(IAPFailure(f"no acknowledgement within {self.settings.ack_timeout:g}s"), hard=True)
 
     def _acknowledged(self, message: object) -> None:
         if not isinstance(message, m.Response) or not self._in_flight:

@@ -14,7 +14,6 @@ alert cannot block the others.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -174,7 +173,9 @@ class Forwarder:
         def send(records: list[Record]) -> None:
             self._reading = False
             if self.active is not proto or proto.state != ClientState.READY:
+                # the connection changed while reading: the new one starts from the top
                 self._cursor = self.spool.acked
+                self._fill()
                 return
             for record in records:
                 proto.send(record.content_type, record.body).addCallback(self._outcome, record, proto)
@@ -182,39 +183,49 @@ class Forwarder:
 
         def unreadable(failure: Failure) -> None:
             self._reading = False
+            self._cursor = self.spool.acked
             self.log.error("cannot read the spool: {why}", why=failure.getErrorMessage())
             proto.transport.loseConnection()
+            self._fill()
 
         self.spool.read(entries).addCallbacks(send, unreadable)
 
     def _outcome(self, outcome: Outcome, record: Record, proto: SensorProtocol) -> None:
+        if outcome.code is None:
+            return  # the connection is gone; its loss is handled once, in _lost
         first_pending = next(iter(self.spool.pending), None)
-        if outcome.code == 200:
-            if record.seq == first_pending:
-                self.spool.ack(record.seq)
-                self.delivered += 1
-        elif outcome.code in PERMANENT:
-            if record.seq == first_pending:
-                self._reject(record, outcome)
-                self.spool.ack(record.seq)
-        elif outcome.code is not None:
-            # 503 and the like: the manager cannot take it now; start over later
+        if record.seq != first_pending or (outcome.code not in PERMANENT and outcome.code != 200):
+            # a gap (an earlier alert not acknowledged) or a 503-like answer: start over
+            # from the first unacknowledged alert on a new connection
             if self.active is proto:
                 self._cursor = self.spool.acked
                 proto.transport.loseConnection()
-                self._say(f"manager answered {outcome.code} {REASONS.get(outcome.code, '')}".rstrip())
-        if self.active is proto:
+                if outcome.code != 200:
+                    self._say(f"manager answered {outcome.code} {REASONS.get(outcome.code, '')}".rstrip())
+            return
+        if outcome.code == 200:
+            self.spool.ack(record.seq)
+            self.delivered += 1
+            self._fill()
+            return
+        # refused for ever: keep it aside durably, then let the others flow
+        meta = {"seq": record.seq, "content_type": record.content_type, "code": outcome.code,
+                "reason": outcome.reason}
+
+        def kept(_: Any) -> None:
+            self.log.error(
+                "manager refused alert {seq} for good ({code} {phrase}); kept in {dir}",
+                seq=record.seq, code=outcome.code, phrase=REASONS.get(outcome.code or 0, ""),
+                dir=str(Path(self.spool.files.directory) / "rejected"),
+            )
+            self.spool.ack(record.seq)
             self._fill()
 
-    def _reject(self, record: Record, outcome: Outcome) -> None:
-        directory = Path(self.spool.files.directory) / "rejected"
-        directory.mkdir(exist_ok=True, mode=0o700)
-        stem = directory / f"{record.seq:020d}"
-        stem.with_suffix(".alert").write_bytes(record.body)
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"seq": record.seq, "content_type": record.content_type, "code": outcome.code, "reason": outcome.reason}
-        ))
-        self.log.error(
-            "manager refused alert {seq} for good ({code} {phrase}); kept in {path}",
-            seq=record.seq, code=outcome.code, phrase=REASONS.get(outcome.code or 0, ""), path=str(stem) + ".alert",
-        )
+        def not_kept(failure: Failure) -> None:
+            self.log.error("cannot set refused alert {seq} aside: {why}; retrying later",
+                           seq=record.seq, why=failure.getErrorMessage())
+            if self.active is proto:
+                self._cursor = self.spool.acked
+                proto.transport.loseConnection()
+
+        self.spool.set_aside(record, meta).addCallbacks(kept, not_kept)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
@@ -85,40 +85,51 @@ class DirectoryInput:
                 names.append((entry.stat().st_mtime, entry.name))
         names.sort()
         out = []
+        budget = 64 * 1024 * 1024  # read at most this much per scan
         for _, name in names[: self.per_scan]:
             path = self.path / name
             try:
-                size = path.stat().st_size
+                st = path.stat()
+                size = st.st_size
+                if out and size > budget:
+                    break
                 if size > min(MAX_BODY, self.spool.max_bytes):
                     _warn_once(self._warned, name, "directory input: {path} ({size} octets) can never fit in the"
                                " spool; left in place", path=str(path), size=size)
                     continue
-                out.append((path, path.read_bytes()))
+                with open(path, "rb") as f:
+                    identity = os.fstat(f.fileno())
+                    body = f.read()
+                out.append((path, body, (identity.st_ino, identity.st_size, identity.st_mtime_ns)))
+                budget -= len(body)
             except FileNotFoundError:
                 continue
         return out
 
-    def _spool_files(self, files: list[tuple[Path, bytes]]) -> Deferred[Any]:
-        d: Deferred[Any] = succeed(None)
-        taken: list[Path] = []
-        for path, body in files:
-            def one(_: Any, path: Path = path, body: bytes = body) -> Deferred[Any]:
-                appended = self.spool.append(self.content_type, body).addCallback(lambda _: taken.append(path))
-                return appended.addErrback(self._too_large, path)
-            d.addCallback(one)
+    def _spool_files(self, files: list[tuple[Path, bytes, tuple[int, int, int]]]) -> Deferred[Any]:
+        """Append every file's alert (sharing fsyncs), then remove those now spooled."""
+        appends = [
+            self.spool.append(self.content_type, body).addCallbacks(
+                lambda _, path=path, ident=ident: (path, ident), self._not_taken, errbackArgs=(path,)
+            )
+            for path, body, ident in files
+        ]
 
-        def remove(_: Any) -> Deferred[Any]:
-            return deferToThread(_unlink_all, taken)
+        def remove(results: list[Any]) -> Deferred[Any]:
+            return deferToThread(_unlink_unchanged, [r for r in results if r is not None])
 
-        def full(failure: Any) -> Deferred[Any]:
-            failure.trap(SpoolFull)  # the rest stay in the directory until there is room
-            return deferToThread(_unlink_all, taken)
+        return gatherResults(appends).addCallback(remove)
 
-        return d.addCallbacks(remove, full)
+    def _not_taken(self, failure: Any, path: Path) -> None:
+        """Not spooled: the file stays for a later scan (full spool) or for good (too large)."""
+        if failure.check(TooLarge):
+            self._too_large(failure, path)
+        elif not failure.check(SpoolFull):
+            log.error("directory input: {path} not spooled: {why}", path=str(path), why=failure.getErrorMessage())
+        return None
 
     def _too_large(self, failure: Any, path: Path) -> None:
         """A file that can never fit is left where it is; the others go on."""
-        failure.trap(TooLarge)
         _warn_once(self._warned, path.name, "directory input: {path} is left in place: {why}",
                    path=str(path), why=failure.getErrorMessage())
 
@@ -136,10 +147,16 @@ def _chained(d: Deferred[Any]) -> Deferred[Any]:
     return out
 
 
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
+def _unlink_unchanged(taken: list[tuple[Path, tuple[int, int, int]]]) -> None:
+    """
+    Remove files whose alerts are spooled, unless a producer has since put a new file
+    under the same name (then it is read, and removed, on a later scan).
+    """
+    for path, (ino, size, mtime) in taken:
         try:
-            path.unlink()
+            st = path.stat()
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == (ino, size, mtime):
+                path.unlink()
         except FileNotFoundError:
             pass
 
@@ -227,6 +244,7 @@ class EveInput:
         self.tail = EveTail()
         self.offset = 0
         self.inode: int | None = None
+        self._file: Any = None
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._busy: Deferred[Any] | None = None
@@ -246,6 +264,9 @@ class EveInput:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._file is not None and self._busy is None:
+            self._file.close()
+            self._file = None
 
     def poll(self) -> Deferred[Any]:
         """Read what was appended; fires when it is spooled (or the poll in progress is)."""
@@ -263,21 +284,40 @@ class EveInput:
         return _chained(d)
 
     def _read(self) -> tuple[int, bytes] | None:
+        """
+        The next bytes of the file being tailed.  The file stays open across polls, so
+        that after a rotation (move and create) what Suricata still wrote to the old
+        file is read to its end before the new file is started.
+        """
         try:
-            st = os.stat(self.path)
+            st: os.stat_result | None = os.stat(self.path)
         except FileNotFoundError:
-            return None
-        if rotated(self.inode, self.offset, st):
-            # moved-and-created or truncated: start the new file from its beginning
-            if self.inode is not None:
-                log.info("eve input {path}: the file was rotated; reading the new one from its start",
-                         path=str(self.path))
-            self.offset = 0
-            self.tail = EveTail()
-        self.inode = st.st_ino
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + self.tail.buffered)
-            data = f.read(4 * 1024 * 1024)
+            st = None
+        if self._file is None:
+            if st is None:
+                return None
+            self._file = open(self.path, "rb")
+            opened = os.fstat(self._file.fileno())
+            if rotated(self.inode, self.offset, opened):
+                if self.inode is not None:
+                    log.info("eve input {path}: not the file read before; reading it from its start",
+                             path=str(self.path))
+                self.offset, self.tail = 0, EveTail()
+            self.inode = opened.st_ino
+        elif os.fstat(self._file.fileno()).st_size < self.offset:
+            log.info("eve input {path}: the file was truncated; reading it from its start", path=str(self.path))
+            self.offset, self.tail = 0, EveTail()
+        self._file.seek(self.offset + self.tail.buffered)
+        data = self._file.read(4 * 1024 * 1024)
+        if not data and st is not None and st.st_ino != self.inode:
+            # the old file is drained and the path names a new one: move over to it
+            log.info("eve input {path}: the file was rotated; reading the new one from its start",
+                     path=str(self.path))
+            self._file.close()
+            self._file = open(self.path, "rb")
+            self.inode = os.fstat(self._file.fileno()).st_ino
+            self.offset, self.tail = 0, EveTail()
+            data = self._file.read(4 * 1024 * 1024)
         return self.offset, data
 
     def _convert(self, read: tuple[int, bytes] | None) -> Deferred[Any] | None:
@@ -286,11 +326,15 @@ class EveInput:
         start, data = read
         lines = list(self.tail.feed(data))
         end = start + self.tail.offset_after_last_line
-        d: Deferred[Any] = succeed(None)
+        appends = []
         for line in lines:
             alert = eve_to_idmef(line, self.analyzer_id)
             if alert is not None:
-                d.addCallback(lambda _, a=alert: self.spool.append(m.IDEF_ALERT, a).addErrback(self._too_large))
+                appends.append(self.spool.append(m.IDEF_ALERT, alert).addErrback(self._too_large))
+        # all appended together share fsyncs; the offset moves only if every one was taken
+        d: Deferred[Any] = gatherResults(appends, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f
+        )
 
         def save(_: Any) -> Deferred[Any]:
             self.offset = end

@@ -26,6 +26,7 @@ thread of its own and batches appends so that many alerts share one fsync.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import struct
 import zlib
@@ -43,6 +44,9 @@ _HEAD = struct.Struct("<4sQIII")
 MAX_TYPE = 255
 MAX_BODY = 64 * 1024 * 1024
 SEGMENT_BYTES = 16 * 1024 * 1024
+INDEX_COST = 300
+"""Memory the pending index spends per alert (measured ~273 octets): charged against the
+bound, so a spool of tiny alerts cannot hold gigabytes of index in memory."""
 
 log = Logger()
 
@@ -74,6 +78,11 @@ class Record:
     seq: int
     content_type: str
     body: bytes
+
+
+def _cost(content_type: str, body: bytes) -> int:
+    """What one alert counts against the spool's bound: its record and its index entry."""
+    return _HEAD.size + len(content_type) + len(body) + INDEX_COST
 
 
 def encode(seq: int, content_type: str, body: bytes) -> bytes:
@@ -172,6 +181,10 @@ class SpoolFiles:
                 pos = end
                 continue
             if parsed == "truncated" and last and data.find(MAGIC, pos + 1) < 0:
+                # keep the bytes anyway: a damaged length field looks the same as a torn write
+                qdir = self.directory / "quarantine"
+                qdir.mkdir(exist_ok=True, mode=0o700)
+                (qdir / f"{segment.stem}-tail-at-{pos}.bin").write_bytes(data[pos:])
                 log.warn(
                     "spool {segment}: dropping an incomplete final record ({n} octets) left by a crash"
                     " before it was accepted",
@@ -259,9 +272,20 @@ class SpoolFiles:
             chunks.append(data)
             entries.append(Entry(seq, self._current_path, offset, len(data)))
             offset += len(data)
-        self._current.write(b"".join(chunks))
-        self._current.flush()
-        os.fsync(self._current.fileno())
+        try:
+            self._current.write(b"".join(chunks))
+            self._current.flush()
+            os.fsync(self._current.fileno())
+        except BaseException:
+            # nothing of this batch was accepted: cut the file back to where it was,
+            # so the next batch's offsets stay true, and give the numbers back
+            self._current.close()
+            with open(self._current_path, "r+b") as f:
+                f.truncate(self._current_size)
+                os.fsync(f.fileno())
+            self._current = open(self._current_path, "ab")
+            self.next_seq = entries[0].seq
+            raise
         self._current_size = offset
         return entries
 
@@ -316,6 +340,18 @@ class SpoolFiles:
             if next_first - 1 <= self._acked_written:
                 segment.unlink()
 
+    def set_aside(self, record: Record, meta: dict[str, Any]) -> None:
+        directory = self.directory / "rejected"
+        directory.mkdir(exist_ok=True, mode=0o700)
+        stem = directory / f"{record.seq:020d}"
+        for path, data in ((stem.with_suffix(".alert"), record.body),
+                           (stem.with_suffix(".json"), json.dumps(meta).encode())):
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(directory)
+
     def close(self, acked: int | None = None) -> None:
         self.flush_acks(acked)
         if self._current is not None:
@@ -361,7 +397,7 @@ class Spool:
     def _add(self, entries: list[Entry]) -> None:
         for entry in entries:
             self.pending[entry.seq] = entry
-            self._pending_bytes += entry.size
+            self._pending_bytes += entry.size + INDEX_COST
 
     def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self._pool, f, *args)
@@ -381,7 +417,7 @@ class Spool:
 
     def append(self, content_type: str, body: bytes) -> Deferred[int]:
         d: Deferred[int] = Deferred()
-        size = len(body) + len(content_type) + _HEAD.size
+        size = _cost(content_type, body)
         if size > self.max_bytes or len(body) > MAX_BODY:
             d.errback(TooLarge(f"an alert of {len(body)} octets can never fit in a spool of {self.max_bytes}"))
             return d
@@ -411,7 +447,7 @@ class Spool:
         d = self._in_thread(self.files.append, [(ct, body) for ct, body, _ in batch])
 
         def written(entries: list[Entry]) -> None:
-            self._queued_bytes -= sum(len(b) + len(ct) + _HEAD.size for ct, b, _ in batch)
+            self._queued_bytes -= sum(_cost(ct, b) for ct, b, _ in batch)
             self._add(entries)
             for (_, _, waiting), entry in zip(batch, entries):
                 waiting.callback(entry.seq)
@@ -419,7 +455,7 @@ class Spool:
                 callback()
 
         def failed(failure: Any) -> None:
-            self._queued_bytes -= sum(len(b) + len(ct) + _HEAD.size for ct, b, _ in batch)
+            self._queued_bytes -= sum(_cost(ct, b) for ct, b, _ in batch)
             log.error("spool write failed: {why}", why=failure.getErrorMessage())
             for _, _, waiting in batch:
                 waiting.errback(SpoolError(f"spool write failed: {failure.getErrorMessage()}"))
@@ -430,14 +466,23 @@ class Spool:
 
         d.addCallbacks(written, failed).addBoth(done)
 
-    def entries_after(self, seq: int, limit: int) -> list[Entry]:
-        out = []
+    def entries_after(self, seq: int, limit: int, max_bytes: int = 8 * 1024 * 1024) -> list[Entry]:
+        """Up to C{limit} pending entries after C{seq}, read together in at most C{max_bytes}."""
+        out: list[Entry] = []
+        size = 0
         for entry in self.pending.values():
             if entry.seq > seq:
+                if out and size + entry.size > max_bytes:
+                    break
                 out.append(entry)
+                size += entry.size
                 if len(out) >= limit:
                     break
         return out
+
+    def set_aside(self, record: Record, meta: dict[str, Any]) -> Deferred[None]:
+        """Keep a refused alert in C{rejected/} (durably, off the reactor) before it is acked."""
+        return self._in_thread(self.files.set_aside, record, meta)
 
     def read(self, entries: list[Entry]) -> Deferred[list[Record]]:
         return self._in_thread(self.files.read, entries)
@@ -449,7 +494,7 @@ class Spool:
         self.acked = seq
         while self.pending and next(iter(self.pending)) <= seq:
             _, entry = self.pending.popitem(last=False)
-            self._pending_bytes -= entry.size
+            self._pending_bytes -= entry.size + INDEX_COST
         if self._ack_call is None:
             self._ack_call = self.reactor.callLater(self.ACK_FLUSH_DELAY, self._flush_acks)
 

@@ -170,12 +170,17 @@ class EveInputTests(unittest.TestCase):
         second.start()
         yield second.poll()
         self.assertEqual(spool.depth, 3)
-        # rotation: the path now names a new file, read from its start
+        # rotation: the path now names a new file, while Suricata still finishes a line
+        # in the old one before it reopens: the old file is read to its end first
         eve.rename(root / "eve.json.1")
+        with open(root / "eve.json.1", "ab") as f:
+            f.write(self.ALERT % (5, 5))
         eve.write_bytes(self.ALERT % (4, 4))
         yield second.poll()
+        yield second.poll()
+        yield second.poll()
         second.stop()
-        self.assertEqual(spool.depth, 4)
+        self.assertEqual(spool.depth, 5)
         records = yield spool.read(list(spool.pending.values()))
         classes = [summarize(r.body)["classification"] for r in records]  # type: ignore[index]
-        self.assertEqual(classes, ["ET TEST 1", "ET TEST 2", "ET TEST 3", "ET TEST 4"])
+        self.assertEqual(classes, ["ET TEST 1", "ET TEST 2", "ET TEST 3", "ET TEST 5", "ET TEST 4"])

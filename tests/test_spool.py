@@ -97,7 +97,9 @@ def test_incomplete_final_record_is_dropped(tmp_path: Path) -> None:
         f.write(whole[:-5])
     again = SpoolFiles(tmp_path)
     assert [e.seq for e in again.recover()] == [1, 2, 3]
-    assert not (tmp_path / "quarantine").exists()
+    # the torn bytes are kept aside all the same (a damaged length field looks alike)
+    [kept] = list((tmp_path / "quarantine").iterdir())
+    assert "tail" in kept.name and kept.read_bytes() == whole[:-5]
     assert fill(again, 1) == [4]  # the number is free again: it was never accepted
     again.close()
     assert [e.seq for e in SpoolFiles(tmp_path).recover()] == [1, 2, 3, 4]
@@ -131,3 +133,31 @@ class SpoolTests(unittest.TestCase):
         yield spool.close()
         again = SpoolFiles(spool.files.directory)
         self.assertEqual([e.seq for e in again.recover()], [seq])
+
+
+def test_failed_write_leaves_the_segment_and_numbers_as_they_were(tmp_path: Path) -> None:
+    """A write that fails (EIO, disk full) must not shift later records' offsets."""
+    files = SpoolFiles(tmp_path)
+    fill(files, 2)
+    real = files._current
+
+    class Failing:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def write(self, data: bytes) -> int:
+            self.inner.write(data[: len(data) // 2])  # half reaches the file, then EIO
+            raise OSError(5, "Input/output error")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    files._current = Failing(real)
+    with pytest.raises(OSError):
+        files.append([(IDEF, b"lost in the failure")])
+    assert [e.seq for e in files.append([(IDEF, b"after the failure")])] == [3]
+    files.close()
+    again = SpoolFiles(tmp_path)
+    pending = again.recover()
+    assert bodies(again, pending) == [b"alert 0", b"alert 1", b"after the failure"]
+    assert again.quarantined == 0
