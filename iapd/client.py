@@ -18,7 +18,11 @@ from typing import Any, Callable, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator, ITLSTransport
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,10 +31,10 @@ from zope.interface import implementer
 from . import messages as m
 from .errors import IAPFailure, WireError
 from .parser import MAX_LINE, MAX_SETUP_LINES, describe
-from .setupreceiver import SetupReceiver
 from .roles import IAP_ALERT_CONSUMER, role_problem
-from .urgent import UrgentDataWatcher
+from .setupreceiver import SetupReceiver
 from .tls import TLSMaterial, client_options, peer_certificate, session_reused
+from .urgent import UrgentDataWatcher
 
 
 @attr.s(auto_attribs=True)

@@ -1,9 +1,9 @@
 """
 The manager (IAP server) side of a connection: setup, upgrade, verify, then alerts.
 
-The protocol class is glue: setup messages are collected with C{LineReceiver} and parsed
-by L{iapd.parser.parse_setup}; the data phase runs in raw mode through an incremental
-L{iapd.parser.ContentReader}.  Decisions per state:
+The protocol class is glue: setup messages are collected by L{SetupReceiver} (a
+C{LineReceiver}) and parsed by L{iapd.parser.parse_setup}; the data phase runs in raw
+mode through an incremental L{iapd.parser.ContentReader}.  Decisions per state:
 
   state        expects                 on success             on error
   CONNECT      CONNECT [+ VIA]         200 -> UPGRADE         400 / 403 / 505, close
@@ -11,7 +11,7 @@ L{iapd.parser.ContentReader}.  Decisions per state:
   HANDSHAKE    (TLS handshake)         role check -> VERIFY   403 inside TLS, close
   VERIFY       IAP-Version verify      200 + our verify       505, close
   VERIFY_ACK   200 from the client     -> DATA                close
-  DATA         alerts                  200 after commit       415 kept; 400/411/413 close
+  DATA         alerts                  200 after commit       415, 503 kept; 400/411/413 close
 
 Plaintext left in the buffer after the upgrade request is a STARTTLS injection: the
 connection is dropped without answering.  The whole setup has one deadline.
@@ -35,10 +35,16 @@ from zope.interface import implementer
 from . import messages as m
 from .errors import WireError, bad_request
 from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe
-from .setupreceiver import SetupReceiver, describe_peer
 from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
+from .setupreceiver import SetupReceiver, describe_peer
 from .store import AlertRecord
-from .tls import TLSMaterial, manager_unusable_reason, peer_certificate, server_options, session_reused
+from .tls import (
+    TLSMaterial,
+    manager_unusable_reason,
+    peer_certificate,
+    server_options,
+    session_reused,
+)
 from .urgent import UrgentDataWatcher
 
 ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))

@@ -7,12 +7,15 @@ that a bad configuration stops twistd with one line naming the key, before it da
 
 from __future__ import annotations
 
-
 from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import ClientService, StreamServerEndpointService, backoffPolicy
+from twisted.application.internet import (
+    ClientService,
+    StreamServerEndpointService,
+    backoffPolicy,
+)
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger

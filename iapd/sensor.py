@@ -17,7 +17,6 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
-
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 

@@ -183,8 +183,9 @@ class ManagerTestCase(unittest.TestCase):
     @inlineCallbacks
     def tls_peer(self, cert: str | None = "sensor", host: str = "manager.test") -> Any:
         """A raw peer taken through setup and a real TLS handshake, before verify."""
-        from iapd.tls import client_options
         from twisted.internet import ssl
+
+        from iapd.tls import client_options
 
         peer = yield self.raw_peer()
         peer.transport.write(setup_bytes(host))

@@ -529,7 +529,8 @@ def test_twistd_manager_on_postgresql(tmp_path: Path, pg_database: str) -> None:
     a password in the URL that must appear nowhere in its log, iap-send and iapctl.
     """
     from .certs import make_test_pki
-    from .processes import Daemon, free_port as free_tcp_port, run
+    from .processes import Daemon, run
+    from .processes import free_port as free_tcp_port
 
     pki = make_test_pki(tmp_path / "pki")
     port = free_tcp_port()

@@ -14,7 +14,6 @@ import os
 import queue
 import re
 import select
-import signal
 import socket
 import sqlite3
 import struct

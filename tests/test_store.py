@@ -92,7 +92,7 @@ class StoreTests(unittest.TestCase):
         results = yield DeferredList(pending, consumeErrors=True)
         outcomes = [ok for ok, _ in results]
         self.assertEqual(outcomes, [True, True, True, False, False, False])
-        for ok, value in results[3:]:
+        for _, value in results[3:]:
             self.assertIsInstance(value.value, StoreError)
         yield store.close()
         self.assertEqual(len(read_alerts(self.path)), 3)
