@@ -70,6 +70,8 @@ class ProxyConfig:
     routes: tuple[tuple[str, str], ...]
     allow_networks: tuple[Any, ...]
     setup_timeout: float
+    max_connections: int = 10000
+    max_per_source: int = 256
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -366,9 +368,13 @@ def load_proxy(path: Path) -> ProxyConfig:
         routes.append((match, upstream[0]))
     allow = top.sub("allow", ("networks",))
     networks = allow.strings("networks", ["0.0.0.0/0", "::/0"], _network)
-    limits = top.sub("limits", ("setup_timeout",))
+    limits = top.sub("limits", ("setup_timeout", "max_connections", "max_per_source"))
     setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
+    max_connections = limits.integer("max_connections", 10000, 1, 1_000_000, "connections")
+    max_per_source = limits.integer("max_per_source", 256, 1, 1_000_000, "connections")
     return ProxyConfig(
+        max_connections=max_connections,
+        max_per_source=max_per_source,
         path=path,
         identity=identity,
         listen=listen,

@@ -73,6 +73,8 @@ class ProxySettings:
     routes: tuple[Route, ...]
     allow_networks: tuple[Any, ...] = ANY_NETWORK
     setup_timeout: float = 10.0
+    max_connections: int = 10000
+    max_per_source: int = 256
 
     def route_for(self, host: str) -> Route | None:
         for route in self.routes:
@@ -143,6 +145,13 @@ class ProxyProtocol(SetupReceiver):
         f.connections.add(self)
         if self.peer_host and not network_allowed(f.settings.allow_networks, self.peer_host):
             self._refuse(WireError(403, f"source address {self.peer_host} is outside allow.networks"))
+            return
+        # descriptors are the proxy's scarce resource: one source cannot take them all
+        same_source = sum(1 for c in f.connections if c.peer_host == self.peer_host)
+        if len(f.connections) > f.settings.max_connections:
+            self._refuse(WireError(503, f"more than {f.settings.max_connections} connections"))
+        elif same_source > f.settings.max_per_source:
+            self._refuse(WireError(503, f"more than {f.settings.max_per_source} connections from {self.peer_host}"))
 
     # -- setup -----------------------------------------------------------------------
 

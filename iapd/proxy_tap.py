@@ -41,6 +41,8 @@ def settings_from(config: ProxyConfig) -> ProxySettings:
         routes=tuple(Route(match, upstream) for match, upstream in config.routes),
         allow_networks=config.allow_networks,
         setup_timeout=config.setup_timeout,
+        max_connections=config.max_connections,
+        max_per_source=config.max_per_source,
     )
 
 

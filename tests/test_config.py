@@ -194,6 +194,8 @@ BAD_PROXY = [
     ('match: "*.test"', 'match: "*.test", via: x', "routes[0].via: unknown key"),
     ('networks: ["127.0.0.0/8"]', 'networks: ["nowhere"]', "allow.networks: 'nowhere': not a network"),
     ("setup_timeout: 3", "setup_timeout: 0", "limits.setup_timeout: must be a number"),
+    ("setup_timeout: 3", "setup_timeout: 3, max_per_source: 0", "limits.max_per_source: must be a whole number"),
+    ("setup_timeout: 3", "setup_timeout: 3, max_connectons: 5", "limits.max_connectons: unknown key"),
     ("allow: {networks", "allow: {sensors: ['*'], networks", "allow.sensors: unknown key"),
 ]
 

@@ -260,3 +260,22 @@ class RelayIntegrityTests(ProxyCase):
         yield peer.until_length(len(down)).addTimeout(60, reactor)
         self.assertEqual(hashlib.sha256(hop.buffer).hexdigest(), hashlib.sha256(up).hexdigest())
         self.assertEqual(hashlib.sha256(peer.buffer).hexdigest(), hashlib.sha256(down).hexdigest())
+
+
+class ConnectionLimitTests(ProxyCase):
+    @inlineCallbacks
+    def test_one_source_cannot_take_every_descriptor(self) -> Any:
+        proxy = self.start_proxy(max_per_source=2)
+        held = []
+        for _ in range(2):
+            peer = yield self.client(proxy)
+            held.append(peer)
+        yield deferLater(reactor, 0.1)  # the proxy has seen both
+        yield self.refused(proxy, b"IAP/0.2 CONNECT manager.test\r\n\r\n", b"IAP/0.2 503\r\n\r\n")
+        # once one closes, the source may connect again
+        held[0].transport.loseConnection()
+        yield held[0].lost
+        yield deferLater(reactor, 0.1)
+        peer = yield self.client(proxy)
+        peer.transport.write(b"IAP/0.2 CONNECT manager.test\r\n\r\n")
+        yield peer.until_contains(OK).addTimeout(WAIT, reactor)
