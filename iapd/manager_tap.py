@@ -13,7 +13,6 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import (
     ClientService,
-    StreamServerEndpointService,
     backoffPolicy,
 )
 from twisted.internet import endpoints
@@ -26,6 +25,7 @@ from . import devmode
 from .config import ConfigError, ManagerConfig, load_manager
 from .manager import ManagerFactory, ManagerSettings
 from .pgstore import PostgresStore
+from .services import add_listeners, configuration_error
 from .store import GroupCommitStore, SQLiteStore, read_alerts
 
 log = Logger(namespace="iapd.manager")
@@ -58,8 +58,7 @@ class Options(usage.Options):
             self.manager_config = load_manager(Path(path))
             self.material = self.manager_config.tls.load(str(path))
         except ConfigError as e:
-            # one line naming the key, without twistd's page of usage text
-            raise SystemExit(f"twistd iap-manager: configuration error: {e}") from None
+            configuration_error("iap-manager", e)
 
 
 class StoreService(service.Service):
@@ -180,11 +179,7 @@ def makeService(options: Options) -> service.IService:
     )
     StoreService(store, reactor).setServiceParent(top)
     factory = ManagerFactory(settings_from(config, options.material), store, reactor)
-    for text in config.listen:
-        listener = StreamServerEndpointService(endpoints.serverFromString(reactor, text), factory)
-        # a port that cannot be bound must stop the daemon, not leave it running deaf
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+    add_listeners(top, reactor, config.listen, factory)
     for text in config.dial:
         # draft 6.1: the manager opens the TCP connection, the sensor still speaks first
         dialer = ClientService(

@@ -30,7 +30,14 @@ import datetime
 import re
 from typing import Any, Sequence
 
-from .store import GroupCommitStore, Row, Seen, StoreError, heartbeat_overdue
+from .store import (
+    GroupCommitStore,
+    Row,
+    Seen,
+    StoreError,
+    alert_dict,
+    heartbeat_overdue,
+)
 
 SCHEMES = ("postgresql://", "postgres://")
 
@@ -467,20 +474,7 @@ def glob_regex(pattern: str) -> str | None:
 
 
 def _alert_dict(row: dict[str, Any], with_body: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": row["id"],
-        "sensor": row["sensor"],
-        "received": _iso(row["received"]),
-        "content_type": row["content_type"],
-        "sha256": row["sha256"],
-        "via": row["via"],
-        "peer": row["peer"],
-        "size": row["size"],
-        "idmef": row["idmef"],
-    }
-    if with_body:
-        out["body"] = bytes(row["body"])
-    return out
+    return alert_dict(row, with_body, received=_iso(row["received"]), via=row["via"], idmef=row["idmef"])
 
 
 def read_alerts_pg(

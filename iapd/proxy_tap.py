@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import ConfigError, ProxyConfig, load_proxy
 from .proxy import ProxyFactory, ProxySettings, Route
+from .services import add_listeners, configuration_error
 
 log = Logger(namespace="iapd.proxy")
 
@@ -32,7 +31,7 @@ class Options(usage.Options):
         try:
             self.proxy_config = load_proxy(Path(self["config"]))
         except ConfigError as e:
-            raise SystemExit(f"twistd iap-proxy: configuration error: {e}") from None
+            configuration_error("iap-proxy", e)
 
 
 def settings_from(config: ProxyConfig) -> ProxySettings:
@@ -52,10 +51,7 @@ def makeService(options: Options) -> service.IService:
     config: ProxyConfig = options.proxy_config
     top = service.MultiService()
     factory = ProxyFactory(settings_from(config), reactor)
-    for text in config.listen:
-        listener = StreamServerEndpointService(endpoints.serverFromString(reactor, text), factory)
-        listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+    add_listeners(top, reactor, config.listen, factory)
     log.info(
         "proxy {identity}: listening on {listen}, routes {routes}",
         identity=config.identity, listen=list(config.listen),

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from .config import ConfigError, load_sensor
 from .sensor import SensorService
+from .services import configuration_error
 
 
 class Options(usage.Options):
@@ -32,7 +33,7 @@ class Options(usage.Options):
                 raise ConfigError(f"{path}: spool: is required to run the sensor daemon")
             self.material = self.sensor_config.tls.load(str(path))
         except ConfigError as e:
-            raise SystemExit(f"twistd iap-sensor: configuration error: {e}") from None
+            configuration_error("iap-sensor", e)
 
 
 def makeService(options: Options) -> service.IService:

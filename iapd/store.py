@@ -387,21 +387,32 @@ def _reader(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _alert_dict(row: sqlite3.Row, with_body: bool) -> dict[str, Any]:
+def alert_dict(row: Any, with_body: bool, *, received: str, via: list[str], idmef: Any) -> dict[str, Any]:
+    """
+    An alert as C{iapctl --json} prints it (DESIGN.md section 7), from a database row
+    whose database-specific fields the caller has already decoded.
+    """
     out: dict[str, Any] = {
         "id": row["id"],
         "sensor": row["sensor"],
-        "received": row["received"],
+        "received": received,
         "content_type": row["content_type"],
         "sha256": row["sha256"],
-        "via": json.loads(row["via"]),
+        "via": via,
         "peer": row["peer"],
         "size": row["size"],
-        "idmef": None if row["idmef"] is None else json.loads(row["idmef"]),
+        "idmef": idmef,
     }
     if with_body:
         out["body"] = bytes(row["body"])
     return out
+
+
+def _alert_dict(row: sqlite3.Row, with_body: bool) -> dict[str, Any]:
+    return alert_dict(
+        row, with_body, received=row["received"], via=json.loads(row["via"]),
+        idmef=None if row["idmef"] is None else json.loads(row["idmef"]),
+    )
 
 
 def read_alerts(

@@ -161,3 +161,23 @@ def test_failed_write_leaves_the_segment_and_numbers_as_they_were(tmp_path: Path
     pending = again.recover()
     assert bodies(again, pending) == [b"alert 0", b"alert 1", b"after the failure"]
     assert again.quarantined == 0
+
+
+def test_directory_input_keeps_a_file_replaced_after_it_was_read(tmp_path: Path) -> None:
+    """A producer renaming a new alert onto a name already read must not lose it."""
+    import os
+
+    from iapd.inputs import _unlink_unchanged
+
+    taken, replaced = tmp_path / "taken.xml", tmp_path / "replaced.xml"
+    for path in (taken, replaced):
+        path.write_bytes(b"first")
+    identities = {}
+    for path in (taken, replaced):
+        st = path.stat()
+        identities[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    (tmp_path / "new.tmp").write_bytes(b"a newer alert")
+    os.replace(tmp_path / "new.tmp", replaced)
+    _unlink_unchanged([(taken, identities[taken]), (replaced, identities[replaced])])
+    assert not taken.exists()
+    assert replaced.read_bytes() == b"a newer alert"

@@ -1,0 +1,27 @@
+"""
+Service wiring the three twistd plugins share.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn, Sequence
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+
+from .config import ConfigError
+
+
+def add_listeners(parent: service.MultiService, reactor: Any, texts: Sequence[str], factory: Any) -> None:
+    """One listening service per endpoint string, under C{parent}."""
+    for text in texts:
+        listener = StreamServerEndpointService(endpoints.serverFromString(reactor, text), factory)
+        # a port that cannot be bound must stop the daemon, not leave it running deaf
+        listener._raiseSynchronously = True
+        listener.setServiceParent(parent)
+
+
+def configuration_error(role: str, error: ConfigError) -> NoReturn:
+    """Stop twistd with one line naming the key, without its page of usage text."""
+    raise SystemExit(f"twistd {role}: configuration error: {error}") from None
