@@ -29,11 +29,12 @@ from typing import Any, Callable
 import attr
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import messages as m
 from .errors import WireError, bad_request
+from .logs import ContextLogger
+from .metrics import ManagerMetrics
 from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe
 from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
 from .setupreceiver import SetupReceiver, describe_peer
@@ -118,13 +119,17 @@ class _Pending:
 class ManagerProtocol(SetupReceiver):
     """One sensor connection, from CONNECT to close."""
 
-    log = Logger()
     factory: "ManagerFactory"
+
+    def _log_context(self) -> dict[str, Any]:
+        return {"conn": self.conn_id, "peer": self.peer, "sensor": self.sensor}
 
     def connectionMade(self) -> None:
         f = self.factory
         self.conn_id = f.next_connection_id()
         self.peer_host, self.peer = describe_peer(self.transport)
+        self.log = ContextLogger("iapd.manager.connection", self._log_context)
+        f.metrics.connections_total.inc()
         self.state = State.CONNECT
         self.sensor: str | None = None
         self.via: tuple[str, ...] = ()
@@ -292,10 +297,13 @@ class ManagerProtocol(SetupReceiver):
     def _data_received(self, data: bytes) -> None:
         assert self._reader is not None
         for event in self._reader.feed(data):
+            metrics = self.factory.metrics
+            metrics.alerts_received.inc()
             if isinstance(event, m.Content):
                 self._alert(event)
             elif isinstance(event, Refused):
                 self.rejected += 1
+                metrics.alerts_rejected.labels(event.error.code).inc()
                 self.log.warn(
                     "alert from {sensor} refused with {code}: {reason}",
                     sensor=self.sensor, code=event.error.code, reason=event.error.reason,
@@ -305,6 +313,7 @@ class ManagerProtocol(SetupReceiver):
                 self._pending.append(slot)
             else:
                 self.rejected += 1
+                metrics.alerts_rejected.labels(event.code).inc()
                 slot = _Pending()
                 slot.response = m.status(event.code, self.version)
                 slot.fatal = True
@@ -329,8 +338,10 @@ class ManagerProtocol(SetupReceiver):
             self._store_failing = False
             if new:
                 self.stored += 1
+                self.factory.metrics.alerts_stored.inc()
             else:
                 self.duplicates += 1
+                self.factory.metrics.alerts_duplicate.inc()
             slot.response = m.ok(self.version)
             self._settle(slot)
 
@@ -342,6 +353,7 @@ class ManagerProtocol(SetupReceiver):
                     sensor=self.sensor, conn=self.conn_id, why=failure.getErrorMessage(),
                 )
             self.rejected += 1
+            self.factory.metrics.alerts_rejected.labels(503).inc()
             slot.response = m.status(503, self.version)
             self._settle(slot)
 
@@ -389,6 +401,8 @@ class ManagerProtocol(SetupReceiver):
         """Answer C{error}'s status code (inside TLS if it is up) and close."""
         if self.state == State.CLOSED:
             return
+        if self.state != State.DATA:
+            self.factory.metrics.setup_failures.labels(error.code).inc()
         self.log.warn(
             "connection {conn} from {peer}{who}: {error}; closing",
             conn=self.conn_id, peer=self.peer, who=f" ({self.sensor})" if self.sensor else "", error=str(error),
@@ -408,11 +422,14 @@ class ManagerProtocol(SetupReceiver):
             "connection {conn} from {peer}: setup not completed within {t}s (in state {state}); closing",
             conn=self.conn_id, peer=self.peer, t=self.factory.settings.setup_timeout, state=self.state,
         )
+        self.factory.metrics.setup_failures.labels("timeout").inc()
         self.state = State.CLOSED
         self._close_reason = "setup deadline"
         self.transport.abortConnection()
 
     def _urgent(self) -> None:
+        if self.state != State.DATA:
+            self.factory.metrics.setup_failures.labels("urgent").inc()
         self.log.warn(
             "connection {conn} from {peer}: TCP urgent data received (draft 6.2); closing",
             conn=self.conn_id, peer=self.peer,
@@ -447,8 +464,11 @@ class ManagerFactory(ServerFactory):
     """True for connections the manager opened itself (draft 6.1): their peer is an
     address the operator configured, so C{allow.networks} does not apply."""
 
-    def __init__(self, settings: ManagerSettings, store: Any, reactor: Any) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: ManagerSettings, store: Any, reactor: Any, metrics: ManagerMetrics | None = None
+    ) -> None:
+        # one cell shared with the dialing twin, so that a reload reaches both
+        self._live = [settings]
         self.store = store
         self.reactor = reactor
         self.urgent = UrgentDataWatcher(reactor)
@@ -456,6 +476,26 @@ class ManagerFactory(ServerFactory):
         self._ids = itertools.count(1)
         self._tls: Any = None
         self._tls_for: TLSMaterial | None = None
+        self.metrics = metrics if metrics is not None else ManagerMetrics()
+        self.metrics.watch_connections(
+            self.connections, lambda: sum(1 for c in self.connections if c.state == State.DATA)
+        )
+        if hasattr(store, "commit_observers"):
+            self.metrics.watch_store(store)
+
+    @property
+    def settings(self) -> ManagerSettings:
+        return self._live[0]
+
+    def reload(self, settings: ManagerSettings) -> None:
+        """Use C{settings} for connections from now on.
+
+        Connections already past setup keep going on the session they negotiated: the
+        draft's key rollover notes (seeds/002) ask that new material take effect for
+        new sessions without cutting the established ones.  Connections still in setup
+        read the new allow-lists at their next step.
+        """
+        self._live[0] = settings
 
     def for_dialing(self) -> "ManagerFactory":
         """A factory for outgoing connections sharing this one's state and counters."""

@@ -24,9 +24,12 @@ from zope.interface import implementer
 from . import devmode
 from .config import ConfigError, ManagerConfig, load_manager
 from .manager import ManagerFactory, ManagerSettings
+from .metrics import ManagerMetrics
 from .pgstore import PostgresStore
+from .reload import ReloadOnHangup, changed_keys
 from .services import add_listeners, configuration_error
 from .store import GroupCommitStore, SQLiteStore, read_alerts
+from .web.site import make_site, manager_root
 
 log = Logger(namespace="iapd.manager")
 
@@ -168,6 +171,48 @@ def settings_from(config: ManagerConfig, material: Any) -> ManagerSettings:
     )
 
 
+# What a SIGHUP cannot change: the wiring built at start.
+RESTART_KEYS = ("listen", "store", "web_listen", "dial")
+
+
+class ManagerReload:
+    """Re-reads manager.yaml and its TLS files; the running settings change only if
+    everything loaded."""
+
+    def __init__(self, factory: ManagerFactory, config: ManagerConfig, metrics: ManagerMetrics) -> None:
+        self.factory = factory
+        self.config = config
+        self.metrics = metrics
+
+    def __call__(self) -> None:
+        path = self.config.path
+        try:
+            config = load_manager(path)
+            material = config.tls.load(str(path))
+        except ConfigError as e:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+            return
+        self.factory.reload(settings_from(config, material))
+        self.metrics.certificate_expiry.set(material.not_after().timestamp())
+        self.metrics.reloads.labels("ok").inc()
+        log.info(
+            "reloaded {path}: certificate {subject} (valid until {until}), {ncas} trusted CAs, allow.sensors {sensors},"
+            " allow.networks {networks}; new connections use them, {open} open connections keep their sessions",
+            path=str(path), subject=material.certificate.subject.rfc4514_string(),
+            until=f"{material.not_after():%Y-%m-%d %H:%M} UTC", ncas=len(material.cas),
+            sensors=list(config.allow_sensors), networks=[str(n) for n in config.allow_networks],
+            open=len(self.factory.connections),
+        )
+        stale = changed_keys(self.config, config, RESTART_KEYS)
+        if stale:
+            log.warn(
+                "reload: {keys} changed in {path}; they take effect only after a restart",
+                keys=", ".join(k.replace("_", ".") for k in stale), path=str(path),
+            )
+        self.config = config
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -178,8 +223,11 @@ def makeService(options: Options) -> service.IService:
         else PostgresStore(config.store, reactor)
     )
     StoreService(store, reactor).setServiceParent(top)
-    factory = ManagerFactory(settings_from(config, options.material), store, reactor)
+    metrics = ManagerMetrics()
+    metrics.certificate_expiry.set(options.material.not_after().timestamp())
+    factory = ManagerFactory(settings_from(config, options.material), store, reactor, metrics)
     add_listeners(top, reactor, config.listen, factory)
+    ReloadOnHangup(reactor, ManagerReload(factory, config, metrics), "manager").setServiceParent(top)
     for text in config.dial:
         # draft 6.1: the manager opens the TCP connection, the sensor still speaks first
         dialer = ClientService(
@@ -188,14 +236,15 @@ def makeService(options: Options) -> service.IService:
         )
         dialer.setServiceParent(top)
     if config.web_listen:
-        log.warn("web.listen is set, but the dashboard is not part of this version; nothing listens there")
+        site = make_site(manager_root(metrics, store, config, reactor))
+        add_listeners(top, reactor, [config.web_listen], site)
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)
     log.info(
         "manager {identity}: listening on {listen}, dialing {dial}, store {store}, setup timeout {t}s,"
-        " max content {n} octets",
+        " max content {n} octets, web {web}",
         identity=config.identity, listen=list(config.listen), dial=list(config.dial), store=str(store.backend),
-        t=config.setup_timeout, n=config.max_content_length,
+        t=config.setup_timeout, n=config.max_content_length, web=config.web_listen or "off",
     )
     return top
 

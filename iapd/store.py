@@ -26,6 +26,7 @@ import datetime
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -232,6 +233,8 @@ class GroupCommitStore:
         self._shut = False
         self.commits = 0
         self.committed = 0
+        self.commit_observers: list[Any] = []
+        """Called as C{observer(alerts, seconds)} after each committed batch."""
 
     @property
     def backlog(self) -> int:
@@ -297,11 +300,14 @@ class GroupCommitStore:
         batch = self._take_batch()
         seen, self._seen = self._seen, {}
         self._committing = True
+        started = time.monotonic()
         d = self._in_thread(self._commit, [r for r, _ in batch], seen)
 
         def committed(results: list[bool]) -> None:
             self.commits += 1
             self.committed += sum(results)
+            for observe in self.commit_observers:
+                observe(len(batch), time.monotonic() - started)
             for (_, waiting), new in zip(batch, results):
                 waiting.callback(new)
 

@@ -291,7 +291,7 @@ class ManagerWithoutCertificateTests(ManagerCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         yield super().setUp()
-        self.factory.settings = attr.evolve(self.factory.settings, material=None)
+        self.factory.reload(attr.evolve(self.factory.settings, material=None))
 
     @inlineCallbacks
     def test_upgrade_answered_500(self) -> Any:

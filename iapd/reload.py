@@ -1,0 +1,58 @@
+"""
+SIGHUP: re-read the configuration file and swap in new certificates, keys, CAs and
+allow-lists without a restart.
+
+The signal handler itself only schedules the work on the reactor (a handler may run
+between any two bytecodes of reactor code).  The reload then runs as one step: the new
+configuration is loaded and checked completely, and only if all of it is good does it
+replace the running one, so a half-edited file or a key that does not match its
+certificate leaves the daemon exactly as it was, with one log line saying why.
+Listeners, stores and other wiring are not rebuilt: when those keys changed, the log
+says that a restart is needed for them.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.logger import Logger
+
+log = Logger(namespace="iapd.reload")
+
+
+class ReloadOnHangup(service.Service):
+    """Calls C{reload()} on the reactor each time the process gets SIGHUP."""
+
+    def __init__(self, reactor: Any, reload: Callable[[], None], what: str) -> None:
+        self.reactor = reactor
+        self.reload = reload
+        self.what = what
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        log.info("{what}: send SIGHUP to reload certificates, keys, CAs and allow-lists", what=self.what)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._run)
+
+    def _run(self) -> None:
+        try:
+            self.reload()
+        except Exception:
+            # a reload must never take a running daemon down
+            log.failure("{what}: reload failed; the running configuration stays", what=self.what)
+
+
+def changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
+    """The attributes among C{keys} that differ between two configurations."""
+    return [k for k in keys if getattr(old, k) != getattr(new, k)]
