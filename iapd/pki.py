@@ -12,7 +12,8 @@ unencrypted, so they are created with mode 0600 from the first byte (C{O_CREAT|O
 never chmod-ed after the fact, and existing files are never overwritten: replacing a CA
 key by accident would orphan every certificate it issued.
 
-Only APIs present in cryptography 38 (Debian 12) are used.
+Only APIs present in cryptography 38 (Debian 12) are used, and L{iapd.x509compat}
+writes the role EKU where that release cannot represent the role OIDs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iapd.roles import IAP_IDEF_CONFIGURATOR, MANAGER_USAGES, SENSOR_USAGES
+from iapd.x509compat import extended_key_usage
 
 PrivateKey = Union[
     ec.EllipticCurvePrivateKey,
@@ -237,7 +239,7 @@ def make_certificate(
             x509.SubjectAlternativeName([x509.DNSName(name)]), critical=len(subject) == 0
         )
     if usages is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=eku_critical)
+        builder = builder.add_extension(extended_key_usage(usages), critical=eku_critical)
     return key, builder.sign(ca_key, _signature_hash(ca_key))  # type: ignore[arg-type]
 
 

@@ -15,11 +15,13 @@ import re
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .x509compat import extensions, oid
+
 _ARC = "2.25.257399946880122254219957611656582499246"
 
-IAP_ALERT_GENERATOR = x509.ObjectIdentifier(_ARC + ".1")
-IAP_ALERT_CONSUMER = x509.ObjectIdentifier(_ARC + ".2")
-IAP_IDEF_CONFIGURATOR = x509.ObjectIdentifier(_ARC + ".3")
+IAP_ALERT_GENERATOR = oid(_ARC + ".1")
+IAP_ALERT_CONSUMER = oid(_ARC + ".2")
+IAP_IDEF_CONFIGURATOR = oid(_ARC + ".3")
 
 ROLE_NAMES = {
     IAP_ALERT_GENERATOR: "IAP_ALERT_GENERATOR",
@@ -39,7 +41,7 @@ def extended_key_usages(cert: x509.Certificate) -> frozenset[x509.ObjectIdentifi
     A certificate without EKU is not unrestricted for IAP: it carries no role.
     """
     try:
-        ext = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        ext = extensions(cert).get_extension_for_class(x509.ExtendedKeyUsage)
     except x509.ExtensionNotFound:
         return frozenset()
     return frozenset(ext.value)
@@ -54,7 +56,7 @@ def has_role(cert: x509.Certificate, role: x509.ObjectIdentifier) -> bool:
     issuer did not mark it so was not issued for IAP.
     """
     try:
-        ext = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        ext = extensions(cert).get_extension_for_class(x509.ExtendedKeyUsage)
     except x509.ExtensionNotFound:
         return False
     return ext.critical and role in ext.value
@@ -86,7 +88,7 @@ def identity_of(cert: x509.Certificate) -> str | None:
     deduplication rule keys on the identity.
     """
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        san = extensions(cert).get_extension_for_class(x509.SubjectAlternativeName)
         names = san.value.get_values_for_type(x509.DNSName)
         if names:
             return _plain_host_name(names[0])
@@ -108,12 +110,12 @@ def role_problem(cert: x509.Certificate, role: x509.ObjectIdentifier) -> str | N
     limit, its key could mint certificates for any sensor name.
     """
     try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+        if extensions(cert).get_extension_for_class(x509.BasicConstraints).value.ca:
             return "is a CA certificate, not an end-entity certificate"
     except x509.ExtensionNotFound:
         pass
     try:
-        if cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+        if extensions(cert).get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
             return "may sign certificates (keyCertSign)"
     except x509.ExtensionNotFound:
         pass

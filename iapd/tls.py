@@ -24,6 +24,7 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from .roles import IAP_ALERT_CONSUMER, has_role, identity_of
+from .x509compat import load_pem_certificates, not_valid_after, not_valid_before
 
 # Forward-secret AEAD suites for TLS 1.2; TLS 1.3 suites are all of that kind already.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
@@ -51,11 +52,11 @@ class TLSMaterial:
         return identity_of(self.certificate)
 
     def not_after(self) -> datetime.datetime:
-        return self.certificate.not_valid_after_utc
+        return not_valid_after(self.certificate)
 
     def expired(self, now: datetime.datetime | None = None) -> bool:
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        return not (self.certificate.not_valid_before_utc <= now <= self.certificate.not_valid_after_utc)
+        return not (not_valid_before(self.certificate) <= now <= not_valid_after(self.certificate))
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -75,7 +76,7 @@ def load_material(certificate: Path | str, key: Path | str, ca: Path | str) -> T
     certificate, key, ca = Path(certificate), Path(key), Path(ca)
     cert_pem = _read(certificate, "certificate")
     try:
-        certs = x509.load_pem_x509_certificates(cert_pem)
+        certs = load_pem_certificates(cert_pem)
     except ValueError:
         raise TLSSetupError(f"certificate {certificate} is not a PEM certificate") from None
     key_data = _read(key, "key")
@@ -90,7 +91,7 @@ def load_material(certificate: Path | str, key: Path | str, ca: Path | str) -> T
     ):
         raise TLSSetupError(f"key {key} does not belong to certificate {certificate}")
     try:
-        cas = x509.load_pem_x509_certificates(_read(ca, "CA file"))
+        cas = load_pem_certificates(_read(ca, "CA file"))
     except ValueError:
         raise TLSSetupError(f"CA file {ca} holds no PEM certificate") from None
     key_pem = private.private_bytes(
