@@ -90,6 +90,7 @@ class SensorConfig:
     heartbeat: float = 0.0
     inputs: tuple["InputConfig", ...] = ()
     content_type: str = IDEF_ALERT
+    web_listen: str | None = None  # /metrics (spool depth, deliveries)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -106,7 +107,7 @@ MANAGER_KEYS = ("identity", "listen", "tls", "store", "allow", "limits", "conten
 PROXY_KEYS = ("identity", "listen", "routes", "allow", "limits")
 SENSOR_KEYS = (
     "identity", "manager", "connect", "listen", "tls", "spool", "spool_max_bytes", "window", "limits", "inputs",
-    "heartbeat", "content_type",
+    "heartbeat", "content_type", "web",
 )
 INPUT_TYPES = ("directory", "socket", "eve")
 
@@ -336,11 +337,15 @@ def load_sensor(path: Path) -> SensorConfig:
         inputs.append(InputConfig(kind, entry.path("path", base), ct, mode))
     if inputs and spool is None:
         raise top.fail("spool", "is required when inputs are configured: accepted alerts are kept there")
+    sensor_web = top.sub("web", ("listen",))
+    web_listen = sensor_web.get("listen", None)
+    if web_listen is not None:
+        sensor_web.strings("listen", None, _endpoint_problem("server"))
     return SensorConfig(
         path=path, identity=identity, manager=manager, connect=connect, listen=listen, tls=tls,
         window=window, setup_timeout=setup_timeout, ack_timeout=ack_timeout, spool=spool,
         spool_max_bytes=spool_max_bytes, heartbeat=float(heartbeat), inputs=tuple(inputs),
-        content_type=content_type,
+        content_type=content_type, web_listen=web_listen,
     )
 
 

@@ -14,6 +14,8 @@ alert cannot block the others.
 
 from __future__ import annotations
 
+import collections
+
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -64,6 +66,8 @@ class Forwarder:
         self.factory = SensorFactory(settings, reactor)
         self.active: SensorProtocol | None = None
         self.delivered = 0
+        self.refused: collections.Counter[int] = collections.Counter()
+        """Alerts refused for good and set aside, by status code."""
         self._cursor = 0
         self._reading = False
         self._running = False
@@ -71,6 +75,15 @@ class Forwarder:
         self._connecting: Deferred[Any] | None = None
         self._last_reason: str | None = None
         self.spool.on_append.append(self._fill)
+
+    def reload(self, settings: SensorSettings) -> None:
+        """Use C{settings} (new certificate, key, CAs) for the next connection.
+
+        The connection in use keeps its session: cutting it would only make the
+        manager see a reconnect storm at every certificate rollover.
+        """
+        self.settings = settings
+        self.factory = SensorFactory(settings, self.reactor)
 
     # -- connection lifecycle ------------------------------------------------------------
 
@@ -218,6 +231,7 @@ class Forwarder:
                 seq=record.seq, code=outcome.code, phrase=REASONS.get(outcome.code or 0, ""),
                 dir=str(Path(self.spool.files.directory) / "rejected"),
             )
+            self.refused[outcome.code or 0] += 1
             self.spool.ack(record.seq)
             self._fill()
 

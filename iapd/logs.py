@@ -14,6 +14,7 @@ either way.
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from typing import IO, Any, Callable
@@ -55,8 +56,12 @@ def _plain(value: Any) -> Any:
 def event_as_line(event: dict[str, Any]) -> str:
     """One event as one line of JSON: time, level, namespace, the message, its fields."""
     level = event.get("log_level")
+    when = event.get("log_time")
     record: dict[str, Any] = {
-        "time": event.get("log_time"),
+        "time": (
+            datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds")
+            if when is not None else None
+        ),
         "level": level.name if level is not None else None,
         "namespace": event.get("log_namespace"),
         "message": formatEvent(event),

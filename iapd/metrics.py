@@ -8,10 +8,10 @@ their counts (and refuse the second set of metric names outright).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["ManagerMetrics", "SensorMetrics", "CONTENT_TYPE_LATEST"]
@@ -88,26 +88,34 @@ class ManagerMetrics(_Metrics):
 
 
 class SensorMetrics(_Metrics):
-    """A sensor daemon's spool and deliveries."""
+    """A sensor daemon's spool and deliveries, read from the running objects at each
+    scrape (the spool and forwarder already keep these numbers; copying them into
+    separate counters could only let the two drift apart)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spool: Any, forwarder: Any) -> None:
         super().__init__()
-        r = self.registry
-        self.spool_alerts = Gauge("iap_spool_alerts", "Alerts in the spool, not yet acknowledged.", registry=r)
-        self.spool_bytes = Gauge("iap_spool_bytes", "Octets of alerts in the spool.", registry=r)
-        self.spooled = Counter("iap_alerts_spooled", "Alerts taken in from the inputs.", registry=r)
-        self.acknowledged = Counter(
-            "iap_alerts_acknowledged", "Alerts the manager acknowledged (200).", registry=r
-        )
-        self.refused = Counter(
-            "iap_alerts_refused", "Alerts the manager refused for good and that were set aside, by status.",
-            ["status"], registry=r,
-        )
-        self.connected = Gauge("iap_manager_connected", "1 while a connection to the manager is up.", registry=r)
+        self.spool = spool
+        self.forwarder = forwarder
+        self.registry.register(self)
         self.reloads = Counter(
-            "iap_config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"], registry=r
+            "iap_config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"], registry=self.registry
         )
 
+    def describe(self) -> list[Any]:
+        return []  # names are only known at collect time; nothing to check at register
 
-def now() -> float:
-    return time.monotonic()
+    def collect(self) -> Any:
+        yield GaugeMetricFamily("iap_spool_alerts", "Alerts in the spool, not yet acknowledged.", value=self.spool.depth)
+        yield GaugeMetricFamily("iap_spool_bytes", "Octets the spool accounts for (bodies and index).",
+                                value=self.spool.pending_bytes)
+        yield CounterMetricFamily("iap_alerts_acknowledged", "Alerts the manager acknowledged (200).",
+                                  value=self.forwarder.delivered)
+        refused = CounterMetricFamily(
+            "iap_alerts_refused", "Alerts the manager refused for good and that were set aside, by status.",
+            labels=["status"],
+        )
+        for code, count in sorted(self.forwarder.refused.items()):
+            refused.add_metric([str(code)], count)
+        yield refused
+        yield GaugeMetricFamily("iap_manager_connected", "1 while a connection to the manager is up.",
+                                value=1 if self.forwarder.active is not None else 0)

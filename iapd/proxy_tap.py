@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attr
+
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import ConfigError, ProxyConfig, load_proxy
 from .proxy import ProxyFactory, ProxySettings, Route
+from .reload import ReloadOnHangup, changed_keys
 from .services import add_listeners, configuration_error
 
 log = Logger(namespace="iapd.proxy")
@@ -45,6 +48,35 @@ def settings_from(config: ProxyConfig) -> ProxySettings:
     )
 
 
+class ProxyReload:
+    """SIGHUP: new routes, allow-lists and limits for new connections; relays in
+    progress keep their next hop."""
+
+    def __init__(self, factory: ProxyFactory, config: ProxyConfig) -> None:
+        self.factory = factory
+        self.config = config
+
+    def __call__(self) -> None:
+        path = self.config.path
+        try:
+            config = load_proxy(path)
+        except ConfigError as e:
+            log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+            return
+        # identity and listen are wiring: they stay as started (see the warning below)
+        self.factory.settings = settings_from(attr.evolve(config, identity=self.config.identity))
+        log.info(
+            "reloaded {path}: routes {routes}, allow.networks {networks}; {open} open connections keep their hops",
+            path=str(path), routes=[f"{m} -> {u}" for m, u in config.routes],
+            networks=[str(n) for n in config.allow_networks], open=len(self.factory.connections),
+        )
+        stale = changed_keys(self.config, config, ("identity", "listen"))
+        if stale:
+            log.warn("reload: {keys} changed in {path}; they take effect only after a restart",
+                     keys=", ".join(stale), path=str(path))
+        self.config = attr.evolve(config, identity=self.config.identity, listen=self.config.listen)
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -52,6 +84,7 @@ def makeService(options: Options) -> service.IService:
     top = service.MultiService()
     factory = ProxyFactory(settings_from(config), reactor)
     add_listeners(top, reactor, config.listen, factory)
+    ReloadOnHangup(reactor, ProxyReload(factory, config), "proxy").setServiceParent(top)
     log.info(
         "proxy {identity}: listening on {listen}, routes {routes}",
         identity=config.identity, listen=list(config.listen),

@@ -14,6 +14,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from typing import Any
 
+import attr
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
@@ -21,13 +22,22 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .client import SensorFactory, SensorProtocol, SensorSettings
-from .config import SensorConfig
+from .config import ConfigError, SensorConfig, load_sensor
 from .forwarder import Forwarder
 from .inputs import DirectoryInput, EveInput, SocketInput
 from .messages import IDEF_ALERT
+from .metrics import SensorMetrics
+from .reload import changed_keys
 from .spool import Spool, SpoolFull
+from .web.site import make_site, metrics_root
 
 log = Logger(namespace="iapd.sensor")
+
+# What a SIGHUP cannot change: the wiring built at start.
+RESTART_KEYS = (
+    "identity", "manager", "connect", "listen", "spool", "spool_max_bytes", "window", "inputs", "heartbeat",
+    "content_type", "web_listen",
+)
 IDMEF_NS = "http://iana.org/idmef"
 
 
@@ -54,7 +64,11 @@ class _InboundFactory(SensorFactory):
 
     def __init__(self, forwarder: Forwarder) -> None:
         super().__init__(forwarder.settings, forwarder.reactor)
+        self.reload(forwarder)
+
+    def reload(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
+        self.settings = forwarder.settings
         self._tls = forwarder.factory.tls_options()  # one TLS context, one session cache
 
     def buildProtocol(self, addr: Any) -> SensorProtocol:
@@ -90,6 +104,9 @@ class SensorService(service.Service):
                 self.inputs.append(EveInput(reactor, self.spool, spec.path, config.identity))
         self._heartbeat: LoopingCall | None = None
         self._listening: Any = None
+        self._inbound: _InboundFactory | None = None
+        self._web: Any = None
+        self.metrics = SensorMetrics(self.spool, self.forwarder)
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -108,10 +125,14 @@ class SensorService(service.Service):
         self.forwarder.start()
         starts = [maybeDeferred(i.start) for i in self.inputs]
         if self.config.listen:
-            listening = endpoints.serverFromString(self.reactor, self.config.listen).listen(
-                _InboundFactory(self.forwarder)
-            )
+            self._inbound = _InboundFactory(self.forwarder)
+            listening = endpoints.serverFromString(self.reactor, self.config.listen).listen(self._inbound)
             starts.append(listening.addCallback(lambda port: setattr(self, "_listening", port)))
+        if self.config.web_listen:
+            web = endpoints.serverFromString(self.reactor, self.config.web_listen).listen(
+                make_site(metrics_root(self.metrics))
+            )
+            starts.append(web.addCallback(lambda port: setattr(self, "_web", port)))
         if self.config.heartbeat:
             self._heartbeat = LoopingCall(self._beat)
             self._heartbeat.clock = self.reactor
@@ -126,6 +147,32 @@ class SensorService(service.Service):
         )
         return gatherResults(starts, consumeErrors=True).addCallback(lambda _: self.ready.callback(None))
 
+    def reload(self) -> None:
+        """SIGHUP: re-read sensor.yaml's TLS files; the next connection uses them."""
+        path = self.config.path
+        try:
+            config = load_sensor(path)
+            material = config.tls.load(str(path))
+        except ConfigError as e:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+            return
+        settings = attr.evolve(self.forwarder.settings, material=material)
+        self.forwarder.reload(settings)
+        if self._inbound is not None:
+            self._inbound.reload(self.forwarder)
+        self.metrics.reloads.labels("ok").inc()
+        log.info(
+            "reloaded {path}: certificate {subject} (valid until {until}); the next connection uses it",
+            path=str(path), subject=material.certificate.subject.rfc4514_string(),
+            until=f"{material.not_after():%Y-%m-%d %H:%M} UTC",
+        )
+        stale = changed_keys(self.config, config, RESTART_KEYS)
+        if stale:
+            log.warn("reload: {keys} changed in {path}; they take effect only after a restart",
+                     keys=", ".join(k.replace("_", ".") for k in stale), path=str(path))
+        self.config = attr.evolve(self.config, tls=config.tls)
+
     def _beat(self) -> None:
         body = heartbeat_message(self.config.identity, self.config.heartbeat)
         self.spool.append(IDEF_ALERT, body).addErrback(
@@ -137,8 +184,9 @@ class SensorService(service.Service):
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         stops = [maybeDeferred(i.stop) for i in self.inputs]
-        if self._listening is not None:
-            stops.append(maybeDeferred(self._listening.stopListening))
+        for port in (self._listening, self._web):
+            if port is not None:
+                stops.append(maybeDeferred(port.stopListening))
         stops.append(maybeDeferred(self.forwarder.stop))
         d = DeferredList(stops, consumeErrors=True)
         return d.addBoth(lambda _: self.spool.close())

@@ -11,6 +11,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from .config import ConfigError, load_sensor
+from .reload import ReloadOnHangup
 from .sensor import SensorService
 from .services import configuration_error
 
@@ -39,4 +40,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    return SensorService(options.sensor_config, options.material, reactor)
+    top = service.MultiService()
+    sensor = SensorService(options.sensor_config, options.material, reactor)
+    sensor.setServiceParent(top)
+    ReloadOnHangup(reactor, sensor.reload, "sensor").setServiceParent(top)
+    return top
