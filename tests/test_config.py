@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,6 +148,9 @@ BAD_SENSOR = [
     ("window: 64", "window: 64\ninputs: {type: directory}", "inputs: must be a list"),
     ("window: 64", "window: 64\nlisten: ['tcp:0']", "listen: must be one server endpoint string"),
     ("window: 64", "window: 64\nlimits: {ack_timeout: 0}", "limits.ack_timeout: must be a number of seconds"),
+    ("window: 64", "window: 64\nweb: {listen: 'nope:1'}", "web.listen: 'nope:1': not a Twisted server endpoint"),
+    ("window: 64", "window: 64\nweb: {port: 8080}", "web.port: unknown key"),
+    ("window: 64", "window: 64\nweb: 8080", "web must be a mapping"),
 ]
 
 
@@ -206,3 +210,44 @@ def test_bad_proxy(tmp_path: Path, pki_dir: Path, old: str, new: str, message: s
     with pytest.raises(ConfigError) as info:
         load_proxy(write(tmp_path, pki_dir, GOOD_PROXY.replace(old, new)))
     assert message in str(info.value)
+
+
+# -- the same tables, as the daemons report them at start --------------------------------
+# twistd calls Options.parseOptions before anything runs: a bad file must stop it there with
+# one line, "twistd ROLE: configuration error: FILE: KEY: PROBLEM", and no traceback.
+
+
+def _start_error(options: Any, path: Path) -> str:
+    with pytest.raises(SystemExit) as info:
+        options.parseOptions(["-c", str(path)])
+    return str(info.value.code)
+
+
+@pytest.mark.parametrize("old,new,message", BAD_MANAGER, ids=[m for _, _, m in BAD_MANAGER])
+def test_bad_manager_stops_twistd_with_one_line(tmp_path: Path, pki_dir: Path, old: str, new: str, message: str) -> None:
+    from iapd import manager_tap
+
+    path = write(tmp_path, pki_dir, GOOD_MANAGER.replace(old, new))
+    error = _start_error(manager_tap.Options(), path)
+    assert error.startswith(f"twistd iap-manager: configuration error: {path}: ")
+    assert message in error and "\n" not in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("old,new,message", BAD_SENSOR, ids=[m for _, _, m in BAD_SENSOR])
+def test_bad_sensor_stops_twistd_with_one_line(tmp_path: Path, pki_dir: Path, old: str, new: str, message: str) -> None:
+    from iapd import sensor_tap
+
+    path = write(tmp_path, pki_dir, GOOD_SENSOR.replace(old, new) + "spool: spool\n")
+    error = _start_error(sensor_tap.Options(), path)
+    assert error.startswith(f"twistd iap-sensor: configuration error: {path}: ")
+    assert message in error and "\n" not in error
+
+
+@pytest.mark.parametrize("old,new,message", BAD_PROXY, ids=[m for _, _, m in BAD_PROXY])
+def test_bad_proxy_stops_twistd_with_one_line(tmp_path: Path, pki_dir: Path, old: str, new: str, message: str) -> None:
+    from iapd import proxy_tap
+
+    path = write(tmp_path, pki_dir, GOOD_PROXY.replace(old, new))
+    error = _start_error(proxy_tap.Options(), path)
+    assert error.startswith(f"twistd iap-proxy: configuration error: {path}: ")
+    assert message in error and "\n" not in error
