@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attr
 import yaml
@@ -22,6 +22,9 @@ import yaml
 from .messages import IDEF_ALERT
 from .store import StoreError, sqlite_path
 from .tls import TLSMaterial, TLSSetupError, load_material
+
+if TYPE_CHECKING:
+    from .web.config import WebConfig
 
 DEFAULT_PORT = 5603
 _DNS = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?\Z")
@@ -60,6 +63,7 @@ class ManagerConfig:
     content_types: frozenset[str]
     web_listen: str | None
     dial: tuple[str, ...] = ()
+    web: "WebConfig | None" = None  # the whole web: section (iapd.web.config)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -271,10 +275,9 @@ def load_manager(path: Path) -> ManagerConfig:
     setup_timeout = limits.number("setup_timeout", 10, 0, 3600, "seconds")
     max_len = limits.integer("max_content_length", 1048576, 1, 1 << 30, "octets")
     content_types = top.strings("content_types", [IDEF_ALERT], _media_type)
-    web = top.sub("web", ("listen",))
-    web_listen = web.get("listen", None)
-    if web_listen is not None:
-        web.strings("listen", None, _endpoint_problem("server"))
+    from .web.config import load_web
+
+    web = load_web(top, base, tls.ca)
     dial = top.strings("dial", [], _endpoint_problem("client"))
     return ManagerConfig(
         path=path,
@@ -288,8 +291,9 @@ def load_manager(path: Path) -> ManagerConfig:
         setup_timeout=setup_timeout,
         max_content_length=max_len,
         content_types=frozenset(t.lower() for t in content_types),
-        web_listen=web_listen,
+        web_listen=web.listen if web is not None else None,
         dial=dial,
+        web=web,
     )
 
 
