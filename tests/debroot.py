@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
@@ -121,7 +122,9 @@ def base_tarball() -> Path:
         work = Path(tempfile.mkdtemp(prefix="making-", dir=CACHE_DIR))
         try:
             target = work / "root"
-            run(["debootstrap", "--variant=minbase", SUITE, str(target), MIRROR], timeout=900)
+            # in its own mount namespace: what debootstrap mounts in the target cannot
+            # outlive it, even if it is killed
+            run(["unshare", "--mount", "debootstrap", "--variant=minbase", SUITE, str(target), MIRROR], timeout=900)
             (target / "etc/apt/sources.list").write_text(SOURCES)
             Root(target).run(["apt-get", "update", "-q"], timeout=300)
             run(["tar", "--numeric-owner", "-C", str(target), "-cf", str(work / "root.tar"), "."], timeout=300)
@@ -131,6 +134,9 @@ def base_tarball() -> Path:
     for old in CACHE_DIR.glob(f"{SUITE}-minbase-*.tar"):
         if old != path:
             old.unlink(missing_ok=True)
+    for stale in CACHE_DIR.glob("making-*"):  # left by a run that was killed
+        if time.time() - stale.stat().st_mtime > 3600:
+            remove(Root(stale))
     return path
 
 
