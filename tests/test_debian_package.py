@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -199,12 +200,26 @@ class Daemons:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, role: str) -> subprocess.Popen[bytes]:
+        """The installed unit's own ExecStart, as its user (no systemd in the root)."""
+        unit = (self.root / f"/lib/systemd/system/iap-{role}.service").read_text()
+        [command] = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart=")]
         with open(self.logs / f"{role}.log", "wb") as log:
-            self.procs[role] = self.root.spawn(
-                ["twistd3", "--nodaemon", "--pidfile=", f"iap-{role}", "-c", f"/etc/iapd/{role}.yaml"],
-                log, user="iapd", HOME="/var/lib/iapd",
-            )
+            self.procs[role] = self.root.spawn(shlex.split(command), log, user="iapd", HOME="/var/lib/iapd")
         return self.procs[role]
+
+    def events(self, role: str) -> list[dict[str, Any]]:
+        """The daemon's log: one JSON object per line, as the units write it."""
+        return [json.loads(line) for line in self.log(role).splitlines() if line.strip()]
+
+    def reload(self, role: str, timeout: float = 30) -> None:
+        """SIGHUP (what systemctl reload sends), then wait for the daemon to log the reload."""
+        before = sum(e["message"].startswith("reloaded ") for e in self.events(role))
+        self.procs[role].send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while sum(e["message"].startswith("reloaded ") for e in self.events(role)) == before:
+            self.alive(role)
+            assert time.monotonic() < deadline, f"iap-{role} did not reload:\n{self.log(role)}"
+            time.sleep(0.1)
 
     def log(self, role: str) -> str:
         return (self.logs / f"{role}.log").read_text(errors="replace")
@@ -301,9 +316,7 @@ def test_run_installed(installed: Installed, tmp_path: Path) -> None:
         assert _owner_mode(root, "/var/lib/iapd/alerts.db")[:2] == ("iapd", "iapd")
 
         # systemctl reload: the manager takes SIGHUP and goes on serving
-        daemons.procs["manager"].send_signal(signal.SIGHUP)
-        time.sleep(1)
-        daemons.alive("manager")
+        daemons.reload("manager")
         (root / "/tmp/two.xml").write_text(ALERT.format(id="two", text="after SIGHUP"))
         root.run(["iap-send", "-c", "/tmp/direct.yaml", "/tmp/two.xml"], timeout=60)
 
@@ -331,10 +344,12 @@ def test_run_installed(installed: Installed, tmp_path: Path) -> None:
         assert re.search(r"^iap_alerts_stored_total 3\.0$", metrics, re.M), metrics
 
         for role in ("sensor", "proxy"):
-            daemons.procs[role].send_signal(signal.SIGHUP)
-        time.sleep(1)
+            daemons.reload(role)
         for role in ("sensor", "proxy", "manager"):
             daemons.alive(role)
+        # structured logs: every connection event names the connection and, once known, the sensor
+        ready = [e for e in daemons.events("manager") if e["message"].startswith("sensor sensor.localhost ready")]
+        assert len(ready) >= 3 and all(e["sensor"] == "sensor.localhost" and e["conn"] for e in ready), ready
     finally:
         daemons.stop_all()
         root.run(["rm", "-rf", "/run/iapd"])
@@ -383,7 +398,10 @@ def test_units() -> None:
     hardening = None
     for unit, text in texts.items():
         role = unit[len("iap-"):-len(".service")]
-        assert f"ExecStart=/usr/bin/twistd3 --nodaemon --pidfile= iap-{role} -c /etc/iapd/{role}.yaml\n" in text
+        assert (
+            f"ExecStart=/usr/bin/twistd3 --nodaemon --pidfile= --logger iapd.logs.json_observer"
+            f" iap-{role} -c /etc/iapd/{role}.yaml\n"
+        ) in text
         assert "User=iapd\n" in text and "StateDirectory=iapd\n" in text
         assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
         ours = [line for line in text.splitlines() if line.startswith(("Protect", "Private", "Restrict", "Capability",
