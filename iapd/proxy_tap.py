@@ -30,7 +30,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["config"] is None:
-            raise usage.UsageError("-c proxy.yaml is required: a proxy needs routes")
+            raise SystemExit("twistd iap-proxy: -c proxy.yaml is required: a proxy needs routes (see twistd iap-proxy --help)")
         try:
             self.proxy_config = load_proxy(Path(self["config"]))
         except ConfigError as e:

@@ -26,7 +26,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["config"] is None:
-            raise usage.UsageError("-c sensor.yaml is required")
+            raise SystemExit("twistd iap-sensor: -c sensor.yaml is required (see twistd iap-sensor --help)")
         path = Path(self["config"])
         try:
             self.sensor_config = load_sensor(path)

@@ -22,6 +22,11 @@ def add_listeners(parent: service.MultiService, reactor: Any, texts: Sequence[st
         listener.setServiceParent(parent)
 
 
+# The taps stop twistd with SystemExit, not usage.UsageError: Twisted 22.4 (Debian 12's)
+# prints the usage text and exits 0 on a subcommand's UsageError, which a unit or a
+# script would take for success.
+
+
 def configuration_error(role: str, error: ConfigError) -> NoReturn:
     """Stop twistd with one line naming the key, without its page of usage text."""
     raise SystemExit(f"twistd {role}: configuration error: {error}") from None
