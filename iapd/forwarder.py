@@ -15,7 +15,6 @@ alert cannot block the others.
 from __future__ import annotations
 
 import collections
-
 import random
 from pathlib import Path
 from typing import Any, Callable

@@ -296,8 +296,8 @@ class ManagerProtocol(SetupReceiver):
 
     def _data_received(self, data: bytes) -> None:
         assert self._reader is not None
+        metrics = self.factory.metrics
         for event in self._reader.feed(data):
-            metrics = self.factory.metrics
             metrics.alerts_received.inc()
             if isinstance(event, m.Content):
                 self._alert(event)
