@@ -29,7 +29,7 @@ from .pgstore import PostgresStore
 from .reload import ReloadOnHangup, changed_keys
 from .services import add_listeners, configuration_error
 from .store import GroupCommitStore, SQLiteStore, read_alerts
-from .web.site import make_site, manager_root
+from .web.site import manager_site
 
 log = Logger(namespace="iapd.manager")
 
@@ -172,7 +172,7 @@ def settings_from(config: ManagerConfig, material: Any) -> ManagerSettings:
 
 
 # What a SIGHUP cannot change: the wiring built at start.
-RESTART_KEYS = ("listen", "store", "web_listen", "dial")
+RESTART_KEYS = ("listen", "store", "web", "dial")
 
 
 class ManagerReload:
@@ -236,7 +236,10 @@ def makeService(options: Options) -> service.IService:
         )
         dialer.setServiceParent(top)
     if config.web_listen:
-        site = make_site(manager_root(metrics, store, config, reactor))
+        try:
+            site = manager_site(metrics, store, config, reactor)
+        except ConfigError as e:
+            configuration_error("iap-manager", e)
         add_listeners(top, reactor, [config.web_listen], site)
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)

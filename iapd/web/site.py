@@ -9,6 +9,7 @@ so that no resource can forget them.
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 from twisted.web.resource import Resource
@@ -28,12 +29,42 @@ SECURITY_HEADERS = {
 }
 
 
+READ_METHODS = (b"GET", b"HEAD")
+
+MAX_REQUEST_BODY = 64 * 1024
+"""Nothing served here reads a request body: a larger one closes the connection."""
+
+
 class SecureRequest(Request):
-    """A request whose answer always carries L{SECURITY_HEADERS}."""
+    """
+    A request whose answer always carries L{SECURITY_HEADERS}, on a site that is
+    read-only as a whole: any method but GET and HEAD is answered 405 before any
+    resource sees it (twisted.web alone would answer 501 to most), so nothing a
+    cross-site request could send changes anything.
+    """
+
+    _body_octets = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_octets += len(data)
+        if self._body_octets > MAX_REQUEST_BODY:
+            transport = self.channel.transport
+            getattr(transport, "abortConnection", transport.loseConnection)()
+            return
+        super().handleContentChunk(data)
 
     def process(self) -> None:
         for name, value in SECURITY_HEADERS.items():
             self.responseHeaders.setRawHeaders(name, [value])
+        if self.isSecure():
+            self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [b"max-age=31536000"])
+        if self.method not in READ_METHODS:
+            self.setResponseCode(405)
+            self.setHeader(b"Allow", b"GET, HEAD")
+            self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            self.write(b"Method Not Allowed: this site is read-only (GET and HEAD)\n")
+            self.finish()
+            return
         super().process()
 
 
@@ -51,8 +82,20 @@ class MetricsResource(Resource):
         return self.metrics.exposition()
 
 
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"Not Found\n"
+
+
 class Root(Resource):
     """C{/}: children are mounted by name; an unknown path is a plain 404."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
 
 
 def metrics_root(metrics: Any) -> Resource:
@@ -62,10 +105,102 @@ def metrics_root(metrics: Any) -> Resource:
     return root
 
 
+STATIC_TYPES = {
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".svg": b"image/svg+xml",
+}
+
+
+class StaticFiles(Resource):
+    """
+    C{/static/NAME}: the dashboard's script and style sheet, read from the package once.
+
+    Only the files shipped in C{iapd/web/static} exist; there is no directory listing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        folder = resources.files("iapd.web").joinpath("static")
+        for entry in folder.iterdir():
+            suffix = "." + entry.name.rsplit(".", 1)[-1]
+            if suffix in STATIC_TYPES:
+                self.putChild(entry.name.encode("ascii"), _StaticFile(entry.read_bytes(), STATIC_TYPES[suffix]))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
+
+
+class _StaticFile(Resource):
+    isLeaf = True
+
+    def __init__(self, data: bytes, content_type: bytes) -> None:
+        super().__init__()
+        self.data = data
+        self.content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        if [p for p in request.postpath if p]:
+            request.setResponseCode(404)
+            return b""
+        request.setHeader(b"Content-Type", self.content_type)
+        return self.data
+
+
 def manager_root(metrics: Any, store: Any, config: Any, reactor: Any) -> Resource:
-    """The manager's tree: C{/metrics}, and the dashboard and API next to it."""
+    """
+    The manager's tree: C{/metrics}, and the dashboard and API next to it::
+
+        /                     redirect to /alerts
+        /alerts               alert list: filters, chart, live updates
+        /alerts/N             one alert: IDMEF summary, sensor, VIA path, raw body
+        /sensors              sensors: last seen, heartbeat, alert counts
+        /static/...           dashboard.js, dashboard.css
+        /api/...              the JSON API (iapd.web.api, docs/openapi.yaml)
+        /metrics              Prometheus
+
+    The root carries the event hub as C{root.hub}, for tests and shutdown.
+    """
+    from .api import api_root, in_thread
+    from .events import EventHub
+    from .pages import AlertsPage, Redirect, SensorsPage
+    from .readers import StoreReader
+
     root = metrics_root(metrics)
+    reader = StoreReader.for_config(config)
+    hub = EventHub(reader, reactor)
+    hub.attach(store)
+    run = in_thread(reactor)
+    root.putChild(b"", Redirect())
+    root.putChild(b"alerts", AlertsPage(reader, run))
+    root.putChild(b"sensors", SensorsPage(reader, run))
+    root.putChild(b"static", StaticFiles())
+    root.putChild(b"api", api_root(reader, hub, reactor))
+    root.hub = hub  # type: ignore[attr-defined]
     return root
+
+
+def manager_site(metrics: Any, store: Any, config: Any, reactor: Any) -> Any:
+    """
+    The factory to listen with on C{web.listen}: the L{Site} of L{manager_root},
+    behind L{iapd.web.auth.AuthGate} when C{web.auth} is set, inside TLS when
+    C{web.tls} is set.  Raises L{iapd.config.ConfigError} naming C{web.tls} when its
+    files cannot be used.
+    """
+    web = getattr(config, "web", None)
+    resource: Resource = manager_root(metrics, store, config, reactor)
+    if web is not None and web.authenticated:
+        from .auth import AuthGate
+
+        resource = AuthGate(resource, web, reactor)
+    site = make_site(resource)
+    if web is None or web.tls is None:
+        return site
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from .tlsweb import web_tls_options
+
+    return TLSMemoryBIOFactory(web_tls_options(web, str(config.path)), False, site)
 
 
 class QuietSite(Site):

@@ -1,0 +1,184 @@
+"""
+Who may read the dashboard: a client certificate, a password, or both (C{web.auth}).
+
+L{AuthGate} wraps the whole resource tree (C{/metrics} included), so no resource can
+be reached around it.  It consumes no path segment: after the check, the request goes
+on down the tree as if the gate were not there.
+
+  check                 how                                        refused with
+  -------------------   ----------------------------------------   ---------------------
+  client certificate    verified by OpenSSL in the handshake        handshake failure
+                        against web.tls.ca; then here: identity
+                        (DNS SAN, else CN) matches a glob of
+                        web.auth.client_certificates, and it is     403
+                        no sensor certificate (GENERATOR role)
+  password              HTTP Basic; user compared in constant       401 + WWW-Authenticate
+                        time, password checked with scrypt in a
+                        thread (never on the reactor)
+  too many failures     MAX_FAILURES wrong passwords in WINDOW      429, without running
+                        seconds from one address                    scrypt
+
+A password that passed is remembered (as the SHA-256 of the whole Authorization
+header, never the password) for L{REMEMBER} seconds, so scrypt runs once per login,
+not once per request: a page load makes several requests (page, script, style, chart,
+event stream).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import fnmatch
+import hashlib
+import hmac
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from twisted.web.util import DeferredResource
+
+from ..roles import IAP_ALERT_GENERATOR, has_role, identity_of
+from ..tls import peer_certificate
+from .config import WebConfig
+from .password import PasswordHash
+
+REMEMBER = 300.0
+"""Seconds a checked password is remembered."""
+
+MAX_REMEMBERED = 256
+MAX_FAILURES = 10
+WINDOW = 60.0
+REALM = b'Basic realm="iapd dashboard", charset="UTF-8"'
+
+log = Logger(namespace="iapd.web")
+
+
+class Refusal(Resource):
+    """A plain-text refusal that ends the walk down the tree."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, message: str, challenge: bool = False) -> None:
+        super().__init__()
+        self.code = code
+        self.message = message
+        self.challenge = challenge
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self.code)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        if self.challenge:
+            request.setHeader(b"WWW-Authenticate", REALM)
+        return self.message.encode("utf-8") + b"\n"
+
+
+def certificate_problem(cert: Any, patterns: tuple[str, ...]) -> str | None:
+    """Why a verified client certificate may not read the dashboard, or None."""
+    if cert is None:
+        return "a client certificate is required"
+    if has_role(cert, IAP_ALERT_GENERATOR):
+        return "sensor certificates (IAP_ALERT_GENERATOR) may not read the dashboard"
+    identity = identity_of(cert)
+    if identity is None:
+        return "the client certificate names no usable identity"
+    if not any(fnmatch.fnmatchcase(identity, p) for p in patterns):
+        return f"{identity} is not in web.auth.client_certificates"
+    return None
+
+
+class AuthGate(Resource):
+    """The root of an authenticated site: checks, then hands the request to C{inner}."""
+
+    def __init__(
+        self, inner: Resource, web: WebConfig, reactor: Any,
+        clock: Callable[[], float] = time.monotonic, run: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.patterns = web.client_certificates
+        self.user = web.user.encode("utf-8")
+        self.password = PasswordHash.parse(web.password_hash) if web.password_hash else None
+        self.clock = clock
+        self._run = run or (lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
+        self._remembered: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        # transparent: put the segment back for the inner tree (as twisted.web.guard does)
+        request.postpath.insert(0, request.prepath.pop())
+        return self._gate(request)
+
+    def render(self, request: Request) -> bytes:
+        return self._gate(request).render(request)
+
+    def _gate(self, request: Request) -> Resource:
+        if self.patterns:
+            problem = certificate_problem(peer_certificate(request.channel.transport), self.patterns)
+            if problem:
+                log.warn("web: refused {peer}: {why}", peer=_peer(request), why=problem)
+                return Refusal(403, f"Forbidden: {problem}")
+        if self.password is None:
+            return self.inner
+        return self._basic(request)
+
+    def _basic(self, request: Request) -> Resource:
+        header = request.getHeader(b"authorization") or b""
+        if not header[:6].lower() == b"basic ":
+            return Refusal(401, "Authentication required", challenge=True)
+        key = hashlib.sha256(header).digest()
+        now = self.clock()
+        until = self._remembered.get(key)
+        if until is not None and until > now:
+            return self.inner
+        peer = _peer(request)
+        if self._throttled(peer, now):
+            return Refusal(429, "Too many failed logins from this address; wait a minute")
+        try:
+            user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+            text = password.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return Refusal(401, "Authentication required", challenge=True)
+        user_ok = hmac.compare_digest(hashlib.sha256(user).digest(), hashlib.sha256(self.user).digest())
+        assert self.password is not None
+        checked = self._run(self.password.verify, text)
+
+        def decided(password_ok: bool) -> Resource:
+            if user_ok and password_ok:
+                self._remember(key, self.clock())
+                return self.inner
+            self._failed(peer, self.clock())
+            log.warn("web: wrong user or password from {peer}", peer=peer)
+            return Refusal(401, "Authentication required", challenge=True)
+
+        return DeferredResource(checked.addCallback(decided))
+
+    def _remember(self, key: bytes, now: float) -> None:
+        self._remembered[key] = now + REMEMBER
+        self._remembered.move_to_end(key)
+        while len(self._remembered) > MAX_REMEMBERED:
+            self._remembered.popitem(last=False)
+
+    def _throttled(self, peer: str, now: float) -> bool:
+        failures = self._failures.get(peer)
+        if not failures:
+            return False
+        while failures and failures[0] < now - WINDOW:
+            failures.popleft()
+        if not failures:
+            del self._failures[peer]
+            return False
+        return len(failures) >= MAX_FAILURES
+
+    def _failed(self, peer: str, now: float) -> None:
+        if len(self._failures) > 10000:
+            self._failures.clear()  # bounded: a flood of addresses only resets the counts
+        self._failures.setdefault(peer, collections.deque(maxlen=MAX_FAILURES)).append(now)
+
+
+def _peer(request: Request) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or str(address)
