@@ -174,7 +174,9 @@ def manager_root(metrics: Any, store: Any, config: Any, reactor: Any) -> Resourc
     root.putChild(b"", Redirect())
     root.putChild(b"alerts", AlertsPage(reader, run))
     root.putChild(b"sensors", SensorsPage(reader, run))
-    root.putChild(b"static", StaticFiles())
+    static = StaticFiles()
+    root.putChild(b"static", static)
+    root.putChild(b"favicon.ico", static.children[b"favicon.svg"])  # what browsers ask for unprompted
     root.putChild(b"api", api_root(reader, hub, reactor))
     root.hub = hub  # type: ignore[attr-defined]
     return root
