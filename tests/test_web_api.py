@@ -470,6 +470,28 @@ class EventStreamTests(WebTestCase):
         self.assertIn(b"Last-Event-ID", body)
 
 
+class HostTests(WebTestCase):
+    """Without web.auth, only requests addressed to a local name (or web.hosts) are served."""
+
+    web = WebConfig(listen="tcp:0:interface=127.0.0.1", hosts=("dash.example.org",))
+
+    def make_site(self) -> Any:
+        return manager_site(ManagerMetrics(), self.store, self.config, reactor)
+
+    @inlineCallbacks
+    def test_dns_rebinding_is_refused(self) -> Any:
+        port = self.web_port.getHost().port
+        for host, code in [
+            (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("LOCALHOST", 200), (f"[::1]:{port}", 200),
+            ("app.localhost", 200), (f"dash.example.org:{port}", 200), ("127.3.2.1", 200),
+            (f"evil.example:{port}", 421), ("evil.example", 421), ("127.0.0.1.evil.example", 421),
+            ("192.0.2.1", 421), ("[2001:db8::1]:80", 421), ("", 421),
+        ]:
+            for path in ("/api/alerts", "/alerts", "/metrics"):
+                response, _ = yield self.get(path, headers={b"Host": [host.encode()]})
+                self.assertEqual(response.code, code, (host, path))
+
+
 HASH = hash_password("correct horse battery", log_n=4)
 
 

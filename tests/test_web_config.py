@@ -53,6 +53,11 @@ def test_loopback_needs_nothing_more(tmp_path: Path, pki_dir: Path) -> None:
     assert config.web.loopback and config.web.tls is None and not config.web.authenticated
 
 
+def test_extra_host_names(tmp_path: Path, pki_dir: Path) -> None:
+    config = load(tmp_path, pki_dir, 'web: {listen: "tcp:8080:interface=127.0.0.1", hosts: [Dash.Example.org, "[::1]"]}\n')
+    assert config.web.hosts == ("dash.example.org", "[::1]")
+
+
 def test_tls_and_both_authentications(tmp_path: Path, pki_dir: Path) -> None:
     config = load(tmp_path, pki_dir, f"""\
 web:
@@ -112,6 +117,8 @@ BAD = [
      "web.auth.client_certificates: '': must be an identity or a glob"),
     ('web: {listen: "tcp:1:interface=127.0.0.1", tls: manager, auth: {client_certificates: 7}}',
      "web.auth.client_certificates: must be a list of strings"),
+    ('web: {listen: "tcp:1:interface=127.0.0.1", hosts: ["evil.example/x"]}', "web.hosts: 'evil.example/x': must be a host"),
+    ('web: {listen: "tcp:1:interface=127.0.0.1", hosts: 5}', "web.hosts: must be a list of strings"),
     (f'web: {{listen: "tcp:8080", auth: {{password_hash: "{HASH}"}}}}',
      "web.auth.password_hash: HTTP Basic would send the password in clear"),
     ('web: {listen: "tcp:1:interface=127.0.0.1", auth: {password_hash: "$scrypt$ln=25,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$'

@@ -31,6 +31,7 @@ import collections
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import time
 from typing import Any, Callable
 
@@ -182,3 +183,53 @@ class AuthGate(Resource):
 def _peer(request: Request) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", None) or str(address)
+
+
+class HostGate(Resource):
+    """
+    The root of a dashboard without authentication: only requests addressed to this
+    host by a local name (C{localhost}, C{*.localhost}, a loopback address) or one of
+    C{web.hosts} go on; others are answered 421.
+
+    Why: a browser on this host visiting a hostile page whose DNS name the attacker then
+    points at 127.0.0.1 would send that page's requests here as same-origin ones (DNS
+    rebinding); they carry the hostile name in Host, so they stop here.
+    """
+
+    def __init__(self, inner: Resource, extra: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.inner = inner
+        self.extra = frozenset(extra)
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        request.postpath.insert(0, request.prepath.pop())
+        return self._gate(request)
+
+    def render(self, request: Request) -> bytes:
+        return self._gate(request).render(request)
+
+    def _gate(self, request: Request) -> Resource:
+        host = host_name(request.getHeader(b"host"))
+        if host is not None and (local_name(host) or host in self.extra):
+            return self.inner
+        return Refusal(421, "Misdirected Request: this dashboard answers only to localhost and web.hosts")
+
+
+def host_name(header: bytes | None) -> str | None:
+    """The host part of a Host header, lower-cased, without the port and brackets."""
+    if not header:
+        return None
+    text = header.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        return text[1:end] if end > 0 else None
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def local_name(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -10,9 +10,12 @@ The C{web:} section of manager.yaml: where the dashboard listens and who may rea
         client_certificates: ["alice.soc.example.org", "*.ops.example.org"]
         user: admin                         # HTTP Basic user name (default admin)
         password_hash: "$scrypt$ln=15,r=8,p=1$...$..."   # python3 -m iapd.web.password
+      hosts: ["soc-dashboard.example.org"]  # Host names served without web.auth (default: loopback only)
 
 The dashboard shows every stored alert, so the rules are strict, and each refusal names
-the key (table)::
+the key (table).  A dashboard without C{web.auth} also answers only requests whose Host
+is C{localhost}, a loopback address or one of C{web.hosts}: a web page whose name an
+attacker rebinds to 127.0.0.1 (DNS rebinding) gets 421, not the alerts::
 
   web.listen bound to          web.tls   web.auth            result
   -------------------------    -------   -----------------   ---------------------------
@@ -33,6 +36,7 @@ host and must not open every other sensor's alerts.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +44,9 @@ import attr
 
 from .password import hash_problem
 
-WEB_KEYS = ("listen", "tls", "auth")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z|\[[0-9A-Fa-f:.]{2,45}\]\Z")
+
+WEB_KEYS = ("listen", "tls", "auth", "hosts")
 TLS_KEYS = ("certificate", "key", "ca")
 AUTH_KEYS = ("client_certificates", "user", "password_hash")
 
@@ -64,6 +70,7 @@ class WebConfig:
     user: str = "admin"
     password_hash: str | None = None
     loopback: bool = True
+    hosts: tuple[str, ...] = ()  # Host header names accepted besides localhost and loopback addresses
 
     @property
     def authenticated(self) -> bool:
@@ -156,7 +163,11 @@ def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
             f"{listen!r} is reachable beyond loopback, and the dashboard shows every stored alert: set web.tls and"
             " web.auth (client_certificates or password_hash), or bind to loopback (interface=127.0.0.1)",
         )
+    hosts = web.strings("hosts", [])
+    for host in hosts:
+        if not _HOST.match(host):
+            raise web.fail("hosts", f"{host!r}: must be a host name or address as browsers write it in Host")
     return WebConfig(
         listen=listen, tls=tls, client_certificates=tuple(p.lower() for p in patterns), user=user,
-        password_hash=password_hash, loopback=loopback,
+        password_hash=password_hash, loopback=loopback, hosts=tuple(h.lower() for h in hosts),
     )

@@ -195,6 +195,10 @@ def manager_site(metrics: Any, store: Any, config: Any, reactor: Any) -> Any:
         from .auth import AuthGate
 
         resource = AuthGate(resource, web, reactor)
+    else:
+        from .auth import HostGate
+
+        resource = HostGate(resource, web.hosts if web is not None else ())
     site = make_site(resource)
     if web is None or web.tls is None:
         return site
