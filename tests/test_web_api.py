@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 import yaml
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -36,6 +37,9 @@ from iapd.web.site import SECURITY_HEADERS, make_site, manager_root, manager_sit
 
 from .browser import HOSTILE, HOSTILE_HTML_BODY, hostile_alert, idmef_alert
 from .support import IDEF, ManagerTestCase
+
+# twisted.web.client's own readBody over a non-persistent pool; nothing of ours
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody with a transport:DeprecationWarning")
 
 HTML = "text/html"
 ALERT_FIELDS = {"id", "sensor", "received", "content_type", "sha256", "via", "peer", "size", "idmef"}
@@ -300,6 +304,10 @@ class AlertsAPITests(WebTestCase):
                 response, _ = yield self.get(path, method=method)
                 self.assertEqual(response.code, 405, (method, path))
         self.assertEqual(len(read_alerts(self.db_path)), 1)
+        for path in ("/api/alerts", "/api/alerts/1", "/alerts", "/alerts/1", "/sensors", "/api/events", "/metrics"):
+            response, body = yield self.get(path, method=b"HEAD")
+            self.assertEqual((response.code, body), (200, b""), path)
+        yield self.until(lambda: not self.root.hub.clients, "HEAD /api/events to leave no stream")
 
     @inlineCallbacks
     def test_every_answer_carries_the_security_headers(self) -> Any:

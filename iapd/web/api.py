@@ -57,8 +57,8 @@ def respond_later(request: Request, d: Deferred[Any], render: Callable[[Any], by
     Finish C{request} with C{render(result)} once C{d} fires; a store that cannot be
     read is a 503, anything else a 500 (logged; the message is not shown).
     """
-    finished = []
-    request.notifyFinish().addErrback(lambda _: finished.append(True))
+    finished = []  # the client went away, or (HEAD) twisted.web already answered
+    request.notifyFinish().addBoth(lambda _: finished.append(True))
 
     def ok(body: bytes) -> None:
         if finished:
