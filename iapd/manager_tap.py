@@ -54,7 +54,10 @@ class Options(usage.Options):
             try:
                 port = int(self["dev-port"])
             except ValueError:
-                raise usage.UsageError(f"--dev-port: not a port number: {self['dev-port']!r}") from None
+                raise SystemExit(
+                    f"twistd iap-manager: --dev-port: not a port number: {self['dev-port']!r}"
+                    " (see twistd iap-manager --help)"
+                ) from None
             self.dev_state = devmode.state_dir()
             path, self.dev_created = devmode.prepare(self.dev_state, port)
         try:
