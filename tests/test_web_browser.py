@@ -332,3 +332,15 @@ def test_sensors_page(deployment: Deployment, browser: Browser) -> None:
     wait(browser, lambda d: "sensor=sensor2.test" in d.current_url, "the sensor's alerts")
     assert classifications(browser) == ["Port scan"]
     assert (artifacts_dir() / "sensors.png").stat().st_size > 0
+
+
+def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from . import browser as helpers
+
+    monkeypatch.setattr(helpers, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="browser tests cannot run under CI"):
+        helpers.require_browser()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no headless browser"):
+        helpers.require_browser()
