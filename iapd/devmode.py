@@ -41,7 +41,7 @@ def state_dir() -> Path:
     return Path(os.environ.get(STATE_ENV) or DEFAULT_STATE).resolve()
 
 
-def prepare(state: Path, listen_port: int) -> tuple[Path, list[str]]:
+def prepare(state: Path, listen_port: int, web_port: int = 8080) -> tuple[Path, list[str]]:
     """
     Make sure C{state} holds a development PKI and configuration; return the manager
     configuration's path and what was created (for the log).
@@ -63,6 +63,8 @@ def prepare(state: Path, listen_port: int) -> tuple[Path, list[str]]:
             f"tls: {{certificate: pki/{MANAGER_NAME}.crt, key: pki/{MANAGER_NAME}.key, ca: pki/ca.crt}}\n"
             'store: "sqlite:///alerts.db"\n'
             'allow: {sensors: ["*"], networks: ["127.0.0.0/8", "::1/128"]}\n'
+            "# the dashboard, JSON API and /metrics; loopback only, so no TLS or password needed\n"
+            f'web: {{listen: "tcp:{web_port}:interface=127.0.0.1"}}\n'
         )
         created.append(str(manager_yaml))
     sensor_yaml = state / "sensor.yaml"

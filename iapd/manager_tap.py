@@ -44,6 +44,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "the manager's YAML configuration file"],
         ["dev-port", None, "5603", "loopback port of the development manager (only without -c)"],
+        ["dev-web-port", None, "8080", "loopback port of its dashboard (only without -c, on the first run)"],
     ]
 
     def postOptions(self) -> None:
@@ -51,20 +52,23 @@ class Options(usage.Options):
         self.dev_state: Path | None = None
         path = self["config"]
         if path is None:
-            try:
-                port = int(self["dev-port"])
-            except ValueError:
-                raise SystemExit(
-                    f"twistd iap-manager: --dev-port: not a port number: {self['dev-port']!r}"
-                    " (see twistd iap-manager --help)"
-                ) from None
+            port, web_port = self._port("dev-port"), self._port("dev-web-port")
             self.dev_state = devmode.state_dir()
-            path, self.dev_created = devmode.prepare(self.dev_state, port)
+            path, self.dev_created = devmode.prepare(self.dev_state, port, web_port)
         try:
             self.manager_config = load_manager(Path(path))
             self.material = self.manager_config.tls.load(str(path))
         except ConfigError as e:
             configuration_error("iap-manager", e)
+
+
+    def _port(self, name: str) -> int:
+        try:
+            return int(self[name])
+        except ValueError:
+            raise SystemExit(
+                f"twistd iap-manager: --{name}: not a port number: {self[name]!r} (see twistd iap-manager --help)"
+            ) from None
 
 
 class StoreService(service.Service):
@@ -133,6 +137,8 @@ class DevelopmentBanner(service.Service):
             )
             log.warn("send your own:  iap-send -c {state}/sensor.yaml FILE...", state=state)
             log.warn("see them:       iapctl -c {state}/manager.yaml alerts", state=state)
+            if config.web_listen:
+                log.warn("or in a browser: http://localhost:{port}/", port=config.web_listen.split(":")[1])
 
         d.addCallbacks(sent, lambda f: log.failure("sample alert failed", f))
 

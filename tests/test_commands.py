@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ from .processes import Daemon, free_port, run
 def dev_manager(tmp_path: Path):
     """The README's first command: a manager with no -c, on a free loopback port."""
     port = free_port()
-    daemon = Daemon(["iap-manager", "--dev-port", str(port)], tmp_path, {"IAPD_HOME": str(tmp_path / "state")})
+    web = free_port()
+    daemon = Daemon(
+        ["iap-manager", "--dev-port", str(port), "--dev-web-port", str(web)], tmp_path,
+        {"IAPD_HOME": str(tmp_path / "state")},
+    )
+    daemon.web_port = web  # type: ignore[attr-defined]
     try:
         daemon.wait_for("sample alert acknowledged and stored")
         yield tmp_path / "state", daemon
@@ -36,6 +42,11 @@ def test_embedded_default_sends_and_shows_an_alert(dev_manager) -> None:
         assert (state / name).exists(), name
     assert (state / "pki/localhost.key").stat().st_mode & 0o077 == 0
     assert "interface=127.0.0.1" in (state / "manager.yaml").read_text()
+    # the dashboard is on, on loopback, and shows the sample alert
+    assert f"or in a browser: http://localhost:{daemon.web_port}/" in log
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.web_port}/api/alerts", timeout=30) as answer:
+        [alert] = json.load(answer)["alerts"]
+    assert alert["idmef"]["classification"] == "iapd quick start: sample alert"
 
 
 def test_send_then_list(dev_manager, tmp_path: Path) -> None:
