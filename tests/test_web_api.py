@@ -471,6 +471,19 @@ class EventStreamTests(WebTestCase):
         yield self.until(lambda: len(collector.events()) == 2, "the next alert")
         self.assertEqual(collector.events()[1]["data"]["idmef"]["messageid"], "after-reset")
 
+    @pytest.mark.timeout(60)
+    @inlineCallbacks
+    def test_a_pathological_sensor_glob_does_not_freeze_the_manager(self) -> Any:
+        """
+        The stream's filters run on the reactor: a glob that backtracks for ages (any
+        page can make a browser ask for it, no answer needed) must not stop the manager.
+        """
+        hostile = yield self.stream("/api/events?sensor=" + "*%3F" * 127 + "!")
+        normal = yield self.stream("/api/events")
+        yield self.send(idmef_alert("after-glob"))
+        yield self.until(lambda: len(normal.events()) == 1, "the alert on the unfiltered stream")
+        self.assertEqual(hostile.events(), [])
+
     @inlineCallbacks
     def test_bad_last_event_id_is_400(self) -> Any:
         response, body = yield self.get("/api/events", headers={b"Last-Event-ID": [b"zz"]})

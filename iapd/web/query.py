@@ -21,13 +21,11 @@ watching browser.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import attr
 
 from ..ctl import parse_since
-from ..pgstore import glob_regex
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -182,15 +180,98 @@ class AlertQuery:
         return True
 
 
+_STAR = ("*",)
+
+
+def _glob_tokens(pattern: str) -> list[tuple[Any, ...]] | None:
+    """
+    C{pattern} as tokens: C{_STAR}, or a one-character test (C{("?",)}, C{("=", c)},
+    C{("[", invert, chars, ranges)}); None for a set that is never closed, which
+    matches nothing (as in SQLite).  Sets are read as SQLite's patternCompare reads
+    them: a C{]} first is a member, C{-} makes a range only between two members.
+    """
+    tokens: list[tuple[Any, ...]] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not tokens or tokens[-1] is not _STAR:
+                tokens.append(_STAR)
+        elif c == "?":
+            tokens.append(("?",))
+        elif c == "[":
+            invert = i < n and pattern[i] == "^"
+            if invert:
+                i += 1
+            chars: set[str] = set()
+            ranges: list[tuple[str, str]] = []
+            if i < n and pattern[i] == "]":
+                chars.add("]")
+                i += 1
+            prior: str | None = None
+            while i < n and pattern[i] != "]":
+                c2 = pattern[i]
+                i += 1
+                if c2 == "-" and i < n and pattern[i] != "]" and prior is not None:
+                    ranges.append((prior, pattern[i]))
+                    i += 1
+                    prior = None
+                else:
+                    chars.add(c2)
+                    prior = c2
+            if i >= n:
+                return None
+            i += 1  # the closing ]
+            tokens.append(("[", invert, frozenset(chars), tuple(ranges)))
+        else:
+            tokens.append(("=", c))
+    return tokens
+
+
+def _one_matches(token: tuple[Any, ...], c: str) -> bool:
+    kind = token[0]
+    if kind == "=":
+        return bool(c == token[1])
+    if kind == "?":
+        return True
+    _, invert, chars, ranges = token
+    seen = c in chars or any(low <= c <= high for low, high in ranges)
+    return bool(seen != invert)
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """
+    SQLite's GLOB (C{*}, C{?}, C{[...]}, case-sensitive), in time proportional to
+    len(pattern) * len(text) whatever the pattern: the filter of the live event stream
+    runs on the reactor, so a pattern such as C{*?*?*?...!} must not backtrack
+    exponentially, as a translation to a Python regular expression does.
+    """
+    tokens = _glob_tokens(pattern)
+    if tokens is None:
+        return False
+    t = p = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(tokens) and tokens[p] is _STAR:
+            star, mark = p, t
+            p += 1
+        elif p < len(tokens) and _one_matches(tokens[p], text[t]):
+            p += 1
+            t += 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            t = mark
+        else:
+            return False
+    while p < len(tokens) and tokens[p] is _STAR:
+        p += 1
+    return p == len(tokens)
+
+
 def _glob_matches(pattern: str, text: str) -> bool:
-    """SQLite's GLOB, through the translation the PostgreSQL reader uses."""
-    regex = glob_regex(pattern)
-    if regex is None:
-        return False
-    try:
-        return re.match(regex, text, re.DOTALL) is not None
-    except re.error:
-        return False
+    """SQLite's GLOB, as the SQL filter applies it (L{glob_match})."""
+    return glob_match(pattern, text)
 
 
 @attr.s(frozen=True, auto_attribs=True)
