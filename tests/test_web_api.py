@@ -414,6 +414,43 @@ class PageTests(WebTestCase):
         self.assertEqual(answer["idmef"]["messageid"], HOSTILE["messageid"])
 
 
+    @pytest.mark.timeout(60)
+    @inlineCallbacks
+    def test_deep_xml_is_not_amplified_by_indentation(self) -> Any:
+        """
+        Each pretty-printed line is indented by its depth: a 250 KB body nested 900
+        deep with 60,000 leaves there would become a 110 MB page, built on the reactor.
+        Such a body is shown as received; a sane one is still pretty-printed.
+        """
+        from iapd.web.pages import SHOW_MAX
+
+        deep = b"<a>" * 900 + b"<b/>" * 60000 + b"</a>" * 900
+        nested = b"<a>" * 20000 + b"</a>" * 20000  # deeper than any recursion would go
+        yield self.send(deep, nested, idmef_alert("sane"))
+        first, second, sane = read_alerts(self.db_path)
+        for alert, body in ((first, deep), (second, nested)):
+            response, page = yield self.get(f"/alerts/{alert['id']}")
+            self.assertEqual(response.code, 200)
+            self.assertLess(len(page), 2 * SHOW_MAX)
+            text = Page(page.decode()).all_text()
+            self.assertIn("as received", text)
+            self.assertIn(body[:3000].decode(), text)
+        _, page = yield self.get(f"/alerts/{sane['id']}")
+        self.assertIn("XML, pretty-printed", Page(page.decode()).all_text())
+
+    @pytest.mark.timeout(20)
+    @inlineCallbacks
+    def test_many_blank_text_nodes_are_stripped_in_linear_time(self) -> Any:
+        """52,000 siblings separated by blanks: removing the blanks one by one was quadratic."""
+        body = b"<r>" + b"<b/>\n" * 52000 + b"</r>"
+        yield self.send(body)
+        [alert] = read_alerts(self.db_path)
+        response, page = yield self.get(f"/alerts/{alert['id']}")
+        text = Page(page.decode()).all_text()
+        self.assertIn("XML, pretty-printed", text)
+        self.assertIn("<r>\n  <b/>\n  <b/>\n", text)
+
+
 class EventStreamTests(WebTestCase):
     @inlineCallbacks
     def stream(self, path: str, headers: dict[bytes, list[bytes]] | None = None) -> Any:

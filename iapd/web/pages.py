@@ -230,9 +230,20 @@ def pretty_body(body: bytes, content_type: str) -> tuple[str, str]:
     return _visible(text), how
 
 
+PRETTY_DEPTH = 64
+"""Documents nested deeper than this are shown as received."""
+
+
 def _pretty_xml(body: bytes) -> str | None:
+    """
+    The document indented, or None when indenting would cost too much: each line is
+    indented by its depth, so a deeply nested body (attacker-chosen) could grow a
+    hundredfold (a 250 KB body into 100 MB of page, flattened on the reactor); the
+    size is estimated before printing and the document shown as received instead.
+    """
     document = parseString(body, forbid_dtd=True, forbid_entities=True, forbid_external=True)
-    _strip_blank_text(document)
+    if not _strip_blank_text(document, budget=SHOW_MAX - len(body)):
+        return None
     lines = document.toprettyxml(indent="  ").splitlines()
     # minidom writes a declaration of its own: show the document's, or none
     if lines and lines[0].startswith("<?xml"):
@@ -243,12 +254,33 @@ def _pretty_xml(body: bytes) -> str | None:
     return "\n".join(line for line in lines if line.strip())
 
 
-def _strip_blank_text(node: Any) -> None:
-    for child in list(node.childNodes):
-        if child.nodeType == child.TEXT_NODE and not child.data.strip():
-            node.removeChild(child)
-        elif child.hasChildNodes():
-            _strip_blank_text(child)
+def _strip_blank_text(document: Any, budget: int) -> bool:
+    """
+    Remove whitespace-only text nodes (without recursion: nesting is unbounded);
+    False when the document is nested deeper than L{PRETTY_DEPTH} or its indentation
+    would add more than C{budget} characters.
+    """
+    stack = [(document, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > PRETTY_DEPTH:
+            return False
+        kept = [c for c in node.childNodes if not (c.nodeType == c.TEXT_NODE and not c.data.strip())]
+        if len(kept) != len(node.childNodes):
+            # not removeChild, one at a time: each call searches the list (quadratic)
+            node.childNodes[:] = kept
+            for before, after in zip([None, *kept], [*kept, None]):
+                if before is not None:
+                    before.nextSibling = after
+                if after is not None:
+                    after.previousSibling = before
+        for child in kept:
+            budget -= 2 * depth + 1  # a line of its own, indented (minidom: two spaces a level)
+            if budget < 0:
+                return False
+            if child.hasChildNodes():
+                stack.append((child, depth + 1))
+    return True
 
 
 _CONTROLS = {c: 0x2400 + c for c in range(32) if c not in (9, 10, 13)}
