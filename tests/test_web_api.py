@@ -594,6 +594,101 @@ class PasswordTests(WebTestCase):
         self.assertEqual(codes, [401] * MAX_FAILURES + [429, 429])
 
 
+class ParallelLoginTests(WebTestCase):
+    """Password checks held in the thread until the test lets them finish: what runs at once."""
+
+    web = WebConfig(listen="tcp:0:interface=127.0.0.1", user="soc", password_hash=HASH)
+
+    def make_site(self) -> Any:
+        from iapd.web.auth import AuthGate
+
+        self.held: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+
+        def run(f: Any, *args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            self.held.append((d, f, args))
+            return d
+
+        self.root = manager_root(ManagerMetrics(), self.store, self.config, reactor)
+        self.addCleanup(self.root.hub.close)
+        assert self.web is not None
+        self.gate = AuthGate(self.root, self.web, reactor, run=run)
+        return make_site(self.gate)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, f, args in held:
+            d.callback(f(*args))
+
+    def fire(self, headers: list[dict[bytes, list[bytes]]]) -> tuple[list[Any], list[Any]]:
+        answers: list[Any] = []
+        calls = [self.get("/api/alerts", headers=h).addCallback(lambda r: answers.append(r[0].code) or r)
+                 for h in headers]
+        return answers, calls
+
+    @inlineCallbacks
+    def test_parallel_guesses_count_before_they_are_decided(self) -> Any:
+        from iapd.web import auth
+
+        self.patch(auth, "MAX_CHECKING", 100)
+        extra = 5
+        answers, calls = self.fire([basic("soc", f"guess {i}") for i in range(auth.MAX_FAILURES + extra)])
+        yield self.until(lambda: len(self.held) == auth.MAX_FAILURES and len(answers) == extra,
+                         "ten checks under way and the rest refused")
+        self.assertEqual(answers, [429] * extra)
+        self.release()
+        for call in calls:
+            yield call
+        self.assertEqual(sorted(answers), [401] * auth.MAX_FAILURES + [429] * extra)
+        response, _ = yield self.get("/api/alerts", headers=basic("soc", "correct horse battery"))
+        self.assertEqual(response.code, 429)  # the address is throttled now, even with the password
+
+    @inlineCallbacks
+    def test_password_checks_at_once_are_bounded(self) -> Any:
+        from iapd.web import auth
+
+        answers, calls = self.fire([basic("soc", f"guess {i}") for i in range(auth.MAX_CHECKING + 2)])
+        yield self.until(lambda: len(self.held) == auth.MAX_CHECKING and len(answers) == 2, "two refused")
+        self.assertEqual(answers, [503, 503])
+        self.release()
+        for call in calls:
+            yield call
+
+    @inlineCallbacks
+    def test_the_same_credentials_in_parallel_are_checked_once(self) -> Any:
+        from iapd.web import auth
+
+        headers = basic("soc", "correct horse battery")
+        answers, calls = self.fire([headers] * (auth.MAX_CHECKING + 3))
+        count = auth.MAX_CHECKING + 3
+
+        def arrived() -> int:  # checks started, and requests waiting for one
+            return len(self.held) + sum(len(w) for w in getattr(self.gate, "_waiting", {}).values())
+
+        yield self.until(lambda: arrived() == count, "every request to arrive")
+        self.assertEqual((len(self.held), answers), (1, []))
+        self.release()
+        for call in calls:
+            yield call
+        self.assertEqual(answers, [200] * (auth.MAX_CHECKING + 3))
+
+
+def test_failures_count_per_ipv6_64_and_per_ipv4_address() -> None:
+    """One IPv6 host holds a whole /64: counting per address would never throttle it."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from iapd.web.auth import _peer_key
+
+    def key(address: Any) -> str:
+        return _peer_key(types.SimpleNamespace(getClientAddress=lambda: address))  # type: ignore[arg-type]
+
+    assert key(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1)) == key(IPv6Address("TCP", "2001:db8:1:2::ffff", 2))
+    assert key(IPv6Address("TCP", "2001:db8:1:2::1", 1)) == "2001:db8:1:2::/64"
+    assert key(IPv6Address("TCP", "2001:db8:1:3::1", 1)) != key(IPv6Address("TCP", "2001:db8:1:2::1", 1))
+    assert key(IPv4Address("TCP", "192.0.2.1", 1)) != key(IPv4Address("TCP", "192.0.2.2", 1))
+    assert key(IPv6Address("TCP", "::ffff:192.0.2.1", 1)) == "::ffff:192.0.2.1"
+
+
 @implementer(IPolicyForHTTPS)
 class ClientCertificatePolicy:
     """HTTPS to the test manager's web port, presenting a client certificate (or none)."""

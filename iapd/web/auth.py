@@ -16,7 +16,10 @@ on down the tree as if the gate were not there.
                         time, password checked with scrypt in a
                         thread (never on the reactor)
   too many failures     MAX_FAILURES wrong passwords in WINDOW      429, without running
-                        seconds from one address                    scrypt
+                        seconds from one address (IPv6: one /64);   scrypt
+                        checks under way count as failures
+  too many at once      MAX_CHECKING checks under way in all        503 + Retry-After
+                        (the same header: one check, shared)
 
 A password that passed is remembered (as the SHA-256 of the whole Authorization
 header, never the password) for L{REMEMBER} seconds, so scrypt runs once per login,
@@ -38,6 +41,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from twisted.web.util import DeferredResource
@@ -53,6 +57,10 @@ REMEMBER = 300.0
 MAX_REMEMBERED = 256
 MAX_FAILURES = 10
 WINDOW = 60.0
+MAX_CHECKING = 4
+"""Passwords checked at once (scrypt: some 32 MiB and 60 ms each); more are answered 503."""
+MAX_PEERS = 10000
+"""Addresses whose failures are counted; IPv6 addresses count per /64 (one host has them all)."""
 REALM = b'Basic realm="iapd dashboard", charset="UTF-8"'
 
 log = Logger(namespace="iapd.web")
@@ -63,18 +71,25 @@ class Refusal(Resource):
 
     isLeaf = True
 
-    def __init__(self, code: int, message: str, challenge: bool = False) -> None:
+    def __init__(self, code: int, message: str, challenge: bool = False, retry_after: int | None = None) -> None:
         super().__init__()
         self.code = code
         self.message = message
         self.challenge = challenge
+        self.retry_after = retry_after
 
     def render(self, request: Request) -> bytes:
         request.setResponseCode(self.code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         if self.challenge:
             request.setHeader(b"WWW-Authenticate", REALM)
+        if self.retry_after is not None:
+            request.setHeader(b"Retry-After", str(self.retry_after).encode("ascii"))
         return self.message.encode("utf-8") + b"\n"
+
+
+def _login_refusal() -> Refusal:
+    return Refusal(401, "Authentication required", challenge=True)
 
 
 def certificate_problem(cert: Any, patterns: tuple[str, ...]) -> str | None:
@@ -107,6 +122,9 @@ class AuthGate(Resource):
         self._run = run or (lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
         self._remembered: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._failures: dict[str, collections.deque[float]] = {}
+        self._pending: dict[str, int] = {}  # checks under way, per address: they count as failures until decided
+        self._checking = 0
+        self._waiting: dict[bytes, list[Deferred[bool]]] = {}  # headers being checked, and who else waits
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         # transparent: put the segment back for the inner tree (as twisted.web.guard does)
@@ -135,27 +153,54 @@ class AuthGate(Resource):
         until = self._remembered.get(key)
         if until is not None and until > now:
             return self.inner
-        peer = _peer(request)
+        peer = _peer_key(request)
         if self._throttled(peer, now):
-            return Refusal(429, "Too many failed logins from this address; wait a minute")
+            return Refusal(429, "Too many failed logins from this address; wait a minute", retry_after=int(WINDOW))
         try:
             user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
             text = password.decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             return Refusal(401, "Authentication required", challenge=True)
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            # the same header is being checked (a page and its script and style, in
+            # parallel, right after a login): wait for that check, do not run another
+            shared: Deferred[bool] = Deferred()
+            waiting.append(shared)
+            return DeferredResource(shared.addCallback(lambda ok: self.inner if ok else _login_refusal()))
+        if self._checking >= MAX_CHECKING:
+            # many guesses at once (from many addresses): scrypt's cost stays bounded
+            return Refusal(503, "Too many logins being checked; try again", retry_after=1)
         user_ok = hmac.compare_digest(hashlib.sha256(user).digest(), hashlib.sha256(self.user).digest())
         assert self.password is not None
+        # counted before it is decided: guesses sent in parallel must not all pass the
+        # throttle while none has failed yet
+        self._checking += 1
+        self._pending[peer] = self._pending.get(peer, 0) + 1
+        self._waiting[key] = []
         checked = self._run(self.password.verify, text)
 
-        def decided(password_ok: bool) -> Resource:
-            if user_ok and password_ok:
+        def settled(result: Any) -> Any:
+            self._checking -= 1
+            left = self._pending.pop(peer) - 1
+            if left:
+                self._pending[peer] = left
+            waiters = self._waiting.pop(key, [])
+            if isinstance(result, Failure):
+                for waiter in waiters:
+                    waiter.errback(result)
+                return result
+            ok = user_ok and bool(result)
+            if ok:
                 self._remember(key, self.clock())
-                return self.inner
-            self._failed(peer, self.clock())
-            log.warn("web: wrong user or password from {peer}", peer=peer)
-            return Refusal(401, "Authentication required", challenge=True)
+            else:
+                self._failed(peer, self.clock())
+                log.warn("web: wrong user or password from {peer}", peer=_peer(request))
+            for waiter in waiters:
+                waiter.callback(ok)
+            return self.inner if ok else _login_refusal()
 
-        return DeferredResource(checked.addCallback(decided))
+        return DeferredResource(checked.addBoth(settled))
 
     def _remember(self, key: bytes, now: float) -> None:
         self._remembered[key] = now + REMEMBER
@@ -164,25 +209,40 @@ class AuthGate(Resource):
             self._remembered.popitem(last=False)
 
     def _throttled(self, peer: str, now: float) -> bool:
+        pending = self._pending.get(peer, 0)
         failures = self._failures.get(peer)
         if not failures:
-            return False
+            return pending >= MAX_FAILURES
         while failures and failures[0] < now - WINDOW:
             failures.popleft()
         if not failures:
             del self._failures[peer]
-            return False
-        return len(failures) >= MAX_FAILURES
+        return len(failures) + pending >= MAX_FAILURES
 
     def _failed(self, peer: str, now: float) -> None:
-        if len(self._failures) > 10000:
-            self._failures.clear()  # bounded: a flood of addresses only resets the counts
+        if peer not in self._failures and len(self._failures) >= MAX_PEERS:
+            for other in [p for p, times in self._failures.items() if times[-1] < now - WINDOW]:
+                del self._failures[other]
+            if len(self._failures) >= MAX_PEERS:
+                self._failures.clear()  # bounded: a flood of addresses only resets the counts
         self._failures.setdefault(peer, collections.deque(maxlen=MAX_FAILURES)).append(now)
 
 
 def _peer(request: Request) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", None) or str(address)
+
+
+def _peer_key(request: Request) -> str:
+    """Whose failures a request counts to: its address, or its /64 for IPv6."""
+    peer = _peer(request)
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return peer
 
 
 class HostGate(Resource):
