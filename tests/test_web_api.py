@@ -522,6 +522,19 @@ class EventStreamTests(WebTestCase):
         self.assertEqual(hostile.events(), [])
 
     @inlineCallbacks
+    def test_open_streams_are_bounded(self) -> Any:
+        from iapd.web import events
+
+        self.patch(events, "MAX_CLIENTS", 2)
+        first = yield self.stream("/api/events")
+        yield self.stream("/api/events")
+        answer = yield self.get_json("/api/events", code=503)
+        self.assertIn("too many event streams", answer["error"])
+        first.transport.stopProducing()
+        yield self.until(lambda: len(self.root.hub.clients) == 1, "the hub to forget the closed stream")
+        yield self.stream("/api/events")
+
+    @inlineCallbacks
     def test_bad_last_event_id_is_400(self) -> Any:
         response, body = yield self.get("/api/events", headers={b"Last-Event-ID": [b"zz"]})
         self.assertEqual(response.code, 400)

@@ -136,3 +136,24 @@ class HubTests(unittest.TestCase):
         self.assertEqual(self.hub.clients, set())
         self.assertIsNone(self.hub._ticker)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_client_paused_by_a_write_gets_nothing_more_from_that_read(self) -> None:
+        """
+        The socket's buffer fills in the middle of a read: the rest of the batch waits
+        for the client to resume instead of piling up in memory behind the socket.
+        """
+        request, client = self.subscribe()
+        real_write = request.write
+
+        def write(data: bytes) -> None:
+            real_write(data)
+            if data.startswith(b"id: ") and len(sent_ids(request)) == 3:
+                client.pauseProducing()  # what the HTTP channel does when the transport is full
+
+        request.write = write  # type: ignore[method-assign]
+        for _ in range(10):
+            self.reader.add()
+        self.hub.committed(10, 0.01)
+        self.assertEqual((sent_ids(request), client.last_id), ([1, 2, 3], 3))
+        client.resumeProducing()
+        self.assertEqual(sent_ids(request), list(range(1, 11)))

@@ -46,6 +46,9 @@ from .readers import StoreReader, json_bytes
 MAX_BEHIND = 1000
 """A client further behind than this many alert ids starts again from the newest."""
 
+MAX_CLIENTS = 100
+"""Streams open at once; more are answered 503 (each costs a connection and a filter run per alert)."""
+
 BATCH = 500
 """Alerts read from the store at a time."""
 
@@ -184,14 +187,17 @@ class EventHub:
 
         def got(alerts: list[dict[str, Any]]) -> None:
             for client in ready:
-                if client.gone or client.paused:
-                    continue  # a paused client keeps its position and is read again
-                assert client.last_id is not None
                 for alert in alerts:
-                    if alert["id"] > client.last_id and client.query.matches(alert):
-                        client.send(alert_event(alert))
-                if alerts:
-                    client.last_id = max(client.last_id, alerts[-1]["id"])
+                    if client.gone or client.paused:
+                        # paused by the write before (its socket is full): it keeps its
+                        # position and is read again, rather than have up to BATCH
+                        # events (each as large as a summary may be) queued in memory
+                        break
+                    assert client.last_id is not None
+                    if alert["id"] > client.last_id:
+                        if client.query.matches(alert):
+                            client.send(alert_event(alert))
+                        client.last_id = alert["id"]
             if len(alerts) == BATCH:
                 self._again = True
 
@@ -242,6 +248,9 @@ class EventsResource(Resource):
                 after_id = int(text)
         except QueryError as e:
             return error(request, 400, str(e))
+        if len(self.hub.clients) >= MAX_CLIENTS:
+            request.setHeader(b"Retry-After", b"30")
+            return error(request, 503, f"too many event streams open (at most {MAX_CLIENTS}); reload later")
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"X-Accel-Buffering", b"no")
         request.write(b"retry: 3000\n\n")
