@@ -232,11 +232,16 @@ class AlertsAPITests(WebTestCase):
             ("until=2026-13-01", "until"), ("before_id=-1", "before_id"), ("after_id=1e3", "after_id"),
             ("heartbeats=maybe", "heartbeats"), ("sensor=a&sensor=b", "sensor"), ("classification=" + "x" * 300,
                                                                                   "classification"),
+            ("after_id=%C2%B2", "after_id"), ("limit=%C2%B2", "limit"), ("since=99999999999d", "since"),
+            ("until=0001-01-01T00:00%2B01:00", "until"),
         ]:
             answer = yield self.get_json(f"/api/alerts?{query}", code=400)
             self.assertTrue(answer["error"].startswith(f"{name}: "), (query, answer))
-        answer = yield self.get_json("/api/stats/per-minute?minutes=0", code=400)
-        self.assertTrue(answer["error"].startswith("minutes: "))
+        for minutes in ("0", "%C2%B2"):
+            answer = yield self.get_json(f"/api/stats/per-minute?minutes={minutes}", code=400)
+            self.assertTrue(answer["error"].startswith("minutes: "))
+        response, _ = yield self.get("/alerts?since=99999999999d")
+        self.assertEqual(response.code, 400)
         answer = yield self.get_json("/api/sensors?limit=-3", code=400)
         self.assertTrue(answer["error"].startswith("limit: "))
 

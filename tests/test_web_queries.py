@@ -152,6 +152,11 @@ def test_sensors_pages(reader: StoreReader) -> None:
     ({"severity": ["x" * 300]}, "severity: longer than 256"),
     ({"after_id": ["-1"]}, "after_id: must be an alert id"),
     ({"sensor": ["a", "b"]}, "sensor: give it once"),
+    ({"after_id": ["\u00b2"]}, "after_id: must be an alert id"),  # isdigit(), but not for int()
+    ({"before_id": ["\u0661"]}, "before_id: must be an alert id"),
+    ({"limit": ["\u00b2"]}, "limit: must be a whole number"),
+    ({"since": ["99999999999d"]}, "since: '99999999999d' is neither"),  # too far back for a datetime
+    ({"until": ["0001-01-01T00:00+01:00"]}, "until: .* is neither"),  # before year 1 in UTC
 ])
 def test_query_errors_name_the_parameter(args: dict[str, list[str]], message: str) -> None:
     with pytest.raises(QueryError, match=message):

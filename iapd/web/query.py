@@ -58,11 +58,16 @@ def _one(args: Mapping[str, Sequence[str]], name: str) -> str | None:
     return value
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() is also true of '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _id(args: Mapping[str, Sequence[str]], name: str) -> int | None:
     value = _one(args, name)
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 18:
+    if not _digits(value) or len(value) > 18:
         raise QueryError(f"{name}: must be an alert id (a whole number), got {value!r}")
     return int(value)
 
@@ -84,7 +89,7 @@ def _time(args: Mapping[str, Sequence[str]], name: str) -> str | None:
         return None
     try:
         return parse_since(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # 99999999999d, 0001-01-01T00:00+01:00
         raise QueryError(
             f"{name}: {value!r} is neither an ISO 8601 time (2026-11-23T10:00Z) nor a span back from now (10m, 2h, 7d)"
         ) from None
@@ -124,7 +129,7 @@ class AlertQuery:
         limit_text = _one(args, "limit")
         limit = DEFAULT_LIMIT
         if limit_text is not None:
-            if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+            if not _digits(limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
                 raise QueryError(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {limit_text!r}")
             limit = int(limit_text)
         sensor = _one(args, "sensor")
@@ -286,7 +291,7 @@ class SensorQuery:
         limit_text = _one(args, "limit")
         limit = MAX_LIMIT
         if limit_text is not None:
-            if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+            if not _digits(limit_text) or not 1 <= int(limit_text) <= MAX_LIMIT:
                 raise QueryError(f"limit: must be a whole number from 1 to {MAX_LIMIT}, got {limit_text!r}")
             limit = int(limit_text)
         return cls(after=_one(args, "after"), limit=limit)
@@ -304,7 +309,7 @@ class StatsQuery:
         minutes_text = _one(args, "minutes")
         minutes = 60
         if minutes_text is not None:
-            if not minutes_text.isdigit() or not 1 <= int(minutes_text) <= 1440:
+            if not _digits(minutes_text) or not 1 <= int(minutes_text) <= 1440:
                 raise QueryError(f"minutes: must be a whole number from 1 to 1440, got {minutes_text!r}")
             minutes = int(minutes_text)
         return cls(AlertQuery.from_args(args), minutes)
