@@ -183,6 +183,34 @@ class AlertsAPITests(WebTestCase):
         self.assertEqual(len(seen), 7)
 
     @inlineCallbacks
+    def test_pages_are_bounded_in_octets_and_next_goes_on(self) -> Any:
+        """
+        Summaries hold up to some 300,000 attacker-chosen characters: 500 of them would
+        be a page of a gigabyte.  A page ends where it would pass MAX_PAGE_BYTES (one
+        alert at least), and following next still gives every alert once.
+        """
+        from iapd.web import api
+
+        yield self.send(*[idmef_alert(f"big-{i}", classification="<" * 1000) for i in range(5)])
+        one = len(json.dumps(read_alerts(self.db_path)[0]).replace("<", "\\u003c"))
+        self.patch(api, "MAX_PAGE_BYTES", 2 * one + 100)
+        seen: list[int] = []
+        path = "/api/alerts?limit=500"
+        while path:
+            response, body = yield self.get(path)
+            self.assertEqual(response.code, 200)
+            page = json.loads(body)
+            self.assertIn(len(page["alerts"]), (1, 2))
+            self.assertLessEqual(len(body), 2 * one + 400)
+            seen += [a["id"] for a in page["alerts"]]
+            path = page["next"]
+        self.assertEqual(seen, [5, 4, 3, 2, 1])
+        self.patch(api, "MAX_PAGE_BYTES", 10)  # one alert is always given, however large
+        page = yield self.get_json("/api/alerts?limit=500")
+        self.assertEqual(([a["id"] for a in page["alerts"]], page["next_before_id"]), ([5], 5))
+        self.assertEqual(page["next"], "/api/alerts?limit=500&before_id=5")
+
+    @inlineCallbacks
     def test_filters(self) -> Any:
         yield self.send(
             idmef_alert("f-1", classification="SSH brute force", severity="high"),

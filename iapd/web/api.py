@@ -118,18 +118,44 @@ class AlertsResource(Resource):
         except QueryError as e:
             return error(request, 400, str(e))
 
-        def render(page: Any) -> bytes:
-            params = [*query.filter_args(), ("limit", str(query.limit))]
-            if query.after_id is not None:
-                params.append(("after_id", str(query.after_id)))
-            next_before = page.next_before_id
-            return answer(request, {
-                "alerts": page.alerts,
-                "next_before_id": next_before,
-                "next": None if next_before is None else page_link("/api/alerts", [*params, ("before_id", str(next_before))]),
-            })
+        def render(body: bytes) -> bytes:
+            request.setHeader(b"Content-Type", JSON)
+            return body
 
-        return respond_later(request, self.run(self.reader.alerts, query), render)
+        return respond_later(request, self.run(alerts_page_json, self.reader, query), render)
+
+
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+"""A page of /api/alerts stops at the alert that takes it past this size (C{next} goes on)."""
+
+
+def alerts_page_json(reader: StoreReader, query: AlertQuery) -> bytes:
+    """
+    A page of C{/api/alerts} as JSON, built in the thread: an alert's summary may hold
+    some 300,000 attacker-chosen characters (up to six octets each in JSON), so 500 of
+    them would be a page of a gigabyte, encoded on the reactor.  The page ends, with a
+    C{next}, where it would grow past L{MAX_PAGE_BYTES}; it always holds one alert.
+    """
+    page = reader.alerts(query)
+    parts: list[bytes] = []
+    size = 0
+    next_before = page.next_before_id
+    for alert in page.alerts:
+        encoded = json_bytes(alert)
+        if parts and size + len(encoded) > MAX_PAGE_BYTES:
+            next_before = page.alerts[len(parts) - 1]["id"]
+            break
+        parts.append(encoded)
+        size += len(encoded) + 1
+    params = [*query.filter_args(), ("limit", str(query.limit))]
+    if query.after_id is not None:
+        params.append(("after_id", str(query.after_id)))
+    rest = json_bytes({
+        "next_before_id": next_before,
+        "next": None if next_before is None else page_link("/api/alerts", [*params, ("before_id", str(next_before))]),
+    })
+    # the same octets as json_bytes of the whole object: its keys sorted, "alerts" first
+    return b'{"alerts":[' + b",".join(parts) + b"]," + rest[1:] + b"\n"
 
 
 class OneAlert(Resource):
