@@ -110,6 +110,15 @@ def role_problem(cert: x509.Certificate, role: x509.ObjectIdentifier) -> str | N
     limit, its key could mint certificates for any sensor name.
     """
     try:
+        # extensions the library cannot parse are the issuer's mistake or an attack;
+        # either way, a clear refusal (403) and not an exception in the handshake
+        return _role_problem(cert, role)
+    except ValueError as e:
+        return f"has extensions that cannot be read ({e})"
+
+
+def _role_problem(cert: x509.Certificate, role: x509.ObjectIdentifier) -> str | None:
+    try:
         if extensions(cert).get_extension_for_class(x509.BasicConstraints).value.ca:
             return "is a CA certificate, not an end-entity certificate"
     except x509.ExtensionNotFound:

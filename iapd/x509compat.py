@@ -85,8 +85,11 @@ def _element(data: bytes, pos: int) -> tuple[int, int, int]:
 
 def _children(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     while start < end:
-        tag, content, start = _element(data, start)
-        yield tag, content, start
+        tag, content, after = _element(data, start)
+        if after > end:
+            raise ValueError("DER element overruns its parent")
+        yield tag, content, after
+        start = after
 
 
 def _decode_oid(content: bytes) -> str:
@@ -167,7 +170,14 @@ def _value(oid_string: str, der: bytes) -> Any:
 
 
 def _parse_extensions(cert: x509.Certificate) -> x509.Extensions:
-    tbs = cert.tbs_certificate_bytes
+    """The extensions of C{cert}; ValueError, and only ValueError, for malformed DER."""
+    try:
+        return _parse_tbs_extensions(cert.tbs_certificate_bytes)
+    except (IndexError, TypeError, UnicodeError) as e:
+        raise ValueError(f"malformed extensions: {e}") from None
+
+
+def _parse_tbs_extensions(tbs: bytes) -> x509.Extensions:
     _, start, end = _element(tbs, 0)
     found = []
     for tag, s, e in _children(tbs, start, end):

@@ -15,8 +15,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ObjectIdentifier
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from iapd import pki
 from iapd.roles import IAP_ALERT_GENERATOR, MANAGER_USAGES, SENSOR_USAGES
@@ -47,10 +50,31 @@ class TestPKI:
     sensor_wildcard: Pair  # SAN *.test: a wildcard is no identity
     sensor_kelvin: Pair  # CN "\u212aiosk.test" (Kelvin sign), no SAN: lower() would give kiosk.test
     sensor_ca: Pair  # caleaf.test, sensor role, but a CA certificate (could mint sensors)
+    sensor_bad_eku: Pair  # badeku.test, an EKU extension whose DER is cut short
     manager_no_consumer: Pair  # manager.test, serverAuth only
     manager_as_sensor: Pair  # manager.test, clientAuth + GENERATOR
     manager_other_ca: Pair  # manager.test, signed by other_ca
     manager_wrong_name: Pair  # other-manager.test, good CA and role
+
+
+def _malformed_eku(directory: Path, ca_key: Any, ca_cert: x509.Certificate) -> Pair:
+    """A CA-signed certificate whose critical EKU is not valid DER: the library parsing
+    it raises, and the manager must still answer with a clear 403."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "badeku.test")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("badeku.test")]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(ExtensionOID.EXTENDED_KEY_USAGE, b"\x30\x05\x06"), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return pki.write_pair(directory, "sensor_bad_eku", key, cert)
 
 
 def make_test_pki(directory: Path) -> TestPKI:
@@ -98,6 +122,7 @@ def make_test_pki(directory: Path) -> TestPKI:
         sensor_wildcard=good("sensor_wildcard", "*.test", SENSOR_USAGES),
         sensor_kelvin=good("sensor_kelvin", "\u212aiosk.test", SENSOR_USAGES, san=False),
         sensor_ca=good("sensor_ca", "caleaf.test", SENSOR_USAGES, is_ca=True),
+        sensor_bad_eku=_malformed_eku(directory, ca_key, ca_cert),
         manager_no_consumer=good(
             "manager_no_consumer", "manager.test", [ExtendedKeyUsageOID.SERVER_AUTH]
         ),

@@ -415,6 +415,11 @@ class ClientCertificateTests(ManagerCase):
     def test_generator_role_in_noncritical_eku(self) -> Any:
         return self.assert_role_refused("sensor_noncritical")
 
+    def test_malformed_extension_is_refused(self) -> Any:
+        """An EKU whose DER is cut short: OpenSSL already refuses it in the handshake
+        (and L{iapd.roles.role_problem} would answer 403 if it did not: test_roles)."""
+        return self.assert_handshake_refused("sensor_bad_eku")
+
     def test_wildcard_identity_is_refused(self) -> Any:
         """SAN *.test would match allow-list globs literally: no identity at all."""
         return self.assert_role_refused("sensor_wildcard")

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -77,3 +79,33 @@ def test_key_cert_sign_is_refused(ca, tmp_path: Path) -> None:  # type: ignore[n
     )
     signing = builder.sign(ca[0], leaf.signature_hash_algorithm)  # type: ignore[arg-type]
     assert "keyCertSign" in (role_problem(signing, IAP_ALERT_GENERATOR) or "")
+
+
+def test_unreadable_extensions_are_a_problem_not_an_exception(tmp_path: Path) -> None:
+    """Extensions the X.509 library cannot parse give a reason (the manager's 403),
+    never an exception escaping into the handshake callback."""
+    from .certs import make_test_pki
+
+    crt, _ = make_test_pki(tmp_path).sensor_bad_eku
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    problem = role_problem(cert, IAP_ALERT_GENERATOR)
+    assert problem is not None and problem.startswith("has extensions that cannot be read")
+
+
+_REAL_TBS = pki.make_certificate(*pki.make_self_signed_ca("fuzz CA"), "fuzz.test", SENSOR_USAGES)[1].tbs_certificate_bytes
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, len(_REAL_TBS) - 1), st.integers(0, 255), st.integers(0, len(_REAL_TBS)))
+def test_fallback_der_reader_fails_only_in_ways_it_reports(position: int, value: int, cut: int) -> None:
+    """The Debian 12 fallback reads the DER of CA-signed but otherwise untrusted
+    certificates: a real TBSCertificate with one octet changed and its tail cut gives
+    extensions or one of the errors that _parse_extensions reports as ValueError."""
+    from iapd.x509compat import _parse_tbs_extensions
+
+    tbs = bytearray(_REAL_TBS)
+    tbs[position] = value
+    try:
+        _parse_tbs_extensions(bytes(tbs[:cut] if cut > position else tbs))
+    except (ValueError, IndexError, TypeError, UnicodeError):
+        pass
