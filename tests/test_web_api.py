@@ -596,6 +596,44 @@ class HostTests(WebTestCase):
                 self.assertEqual(response.code, code, (host, path))
 
 
+class ConnectionLimitTests(WebTestCase):
+    """Idle connections cannot take every file descriptor of the manager's process."""
+
+    web = WebConfig(listen="tcp:0:interface=127.0.0.1")
+
+    def make_site(self) -> Any:
+        return manager_site(ManagerMetrics(), self.store, self.config, reactor)
+
+    @inlineCallbacks
+    def open_idle(self) -> Any:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        protocol = Collector()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.web_port.getHost().port), protocol)
+        self.addCleanup(lambda: protocol.transport.abortConnection() if protocol.transport.connected else None)
+        return protocol
+
+    @pytest.mark.timeout(30)
+    @inlineCallbacks
+    def test_connections_from_one_address_are_bounded(self) -> Any:
+        from iapd.web import site
+
+        self.patch(site, "MAX_CONNECTIONS_PER_ADDRESS", 3)
+        idle = []
+        for _ in range(3):
+            protocol = yield self.open_idle()
+            idle.append(protocol)
+        refused = yield self.open_idle()
+        yield refused.done  # closed at once, without a byte
+        self.assertEqual(refused.data, b"")
+        with self.assertRaises(Exception):  # an HTTP client on a fourth connection: refused too
+            yield self.get("/api/alerts")
+        idle[0].transport.loseConnection()
+        yield idle[0].done
+        response, _ = yield self.get("/api/alerts")
+        self.assertEqual(response.code, 200)
+
+
 HASH = hash_password("correct horse battery", log_n=4)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -201,12 +202,53 @@ def manager_site(metrics: Any, store: Any, config: Any, reactor: Any) -> Any:
         resource = HostGate(resource, web.hosts if web is not None else ())
     site = make_site(resource)
     if web is None or web.tls is None:
-        return site
+        return ConnectionLimit(site)
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
     from .tlsweb import web_tls_options
 
-    return TLSMemoryBIOFactory(web_tls_options(web, str(config.path)), False, site)
+    return ConnectionLimit(TLSMemoryBIOFactory(web_tls_options(web, str(config.path)), False, site))
+
+
+MAX_CONNECTIONS = 256
+MAX_CONNECTIONS_PER_ADDRESS = 32
+
+
+class ConnectionLimit(WrappingFactory):
+    """
+    At most L{MAX_CONNECTIONS} web connections, L{MAX_CONNECTIONS_PER_ADDRESS} from one
+    address; others are closed at once.  The dashboard shares the manager's process
+    and so its file descriptors: connections held open by anyone who can reach
+    C{web.listen} (before any authentication, a byte every minute keeps one) must not
+    leave the manager unable to accept a sensor or open its store.
+    """
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__(wrapped)
+        self.per_address: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = getattr(addr, "host", None) or str(addr)
+        if len(self.protocols) >= MAX_CONNECTIONS or self.per_address.get(host, 0) >= MAX_CONNECTIONS_PER_ADDRESS:
+            return None
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self.per_address[host] = self.per_address.get(host, 0) + 1
+            protocol._limit_host = host
+        return protocol
+
+    def logPrefix(self) -> str:
+        # the wrapped factory's own ("QuietSite starting on 8080"): logs stay as they were
+        wrapped = self.wrappedFactory
+        return str(wrapped.logPrefix()) if hasattr(wrapped, "logPrefix") else wrapped.__class__.__name__
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        host = getattr(p, "_limit_host", None)
+        if host is not None:
+            left = self.per_address.pop(host, 1) - 1
+            if left > 0:
+                self.per_address[host] = left
 
 
 class QuietSite(Site):
