@@ -67,6 +67,11 @@ class Forwarder:
         self.delivered = 0
         self.refused: collections.Counter[int] = collections.Counter()
         """Alerts refused for good and set aside, by status code."""
+        self._aside: set[int] = set()
+        """Refused alerts whose copy in rejected/ is being written."""
+        self._done: set[int] = set()
+        """Alerts with a final answer, waiting for an earlier one before the spool's
+        (cumulative) acknowledgement can pass them."""
         self._cursor = 0
         self._reading = False
         self._running = False
@@ -190,6 +195,8 @@ class Forwarder:
                 self._fill()
                 return
             for record in records:
+                if record.seq in self._done or record.seq in self._aside:
+                    continue  # answered on an earlier connection; only its spool ack waits
                 proto.send(record.content_type, record.body).addCallback(self._outcome, record, proto)
             self._fill()
 
@@ -202,13 +209,35 @@ class Forwarder:
 
         self.spool.read(entries).addCallbacks(send, unreadable)
 
+    def _first_unresolved(self) -> int | None:
+        """The first spooled alert with no final answer yet: the next one due."""
+        for seq in self.spool.pending:
+            if seq not in self._done and seq not in self._aside:
+                return seq
+        return None
+
+    def _advance(self) -> None:
+        """Acknowledge in the spool the longest run of resolved alerts from its head.
+
+        Spool acknowledgements are cumulative, so an alert answered 200 behind one that
+        is still being written to rejected/ must wait for it: acknowledging past it
+        would lose it if the sensor died before the write.
+        """
+        last = None
+        for seq in self.spool.pending:
+            if seq not in self._done:
+                break
+            last = seq
+        if last is not None:
+            self._done.difference_update(range(self.spool.acked + 1, last + 1))
+            self.spool.ack(last)
+
     def _outcome(self, outcome: Outcome, record: Record, proto: SensorProtocol) -> None:
         if outcome.code is None:
             return  # the connection is gone; its loss is handled once, in _lost
-        first_pending = next(iter(self.spool.pending), None)
-        if record.seq != first_pending or (outcome.code not in PERMANENT and outcome.code != 200):
-            # a gap (an earlier alert not acknowledged) or a 503-like answer: start over
-            # from the first unacknowledged alert on a new connection
+        if record.seq != self._first_unresolved() or (outcome.code not in PERMANENT and outcome.code != 200):
+            # a gap (an earlier alert not answered) or a 503-like answer: start over from
+            # the first unacknowledged alert on a new connection
             if self.active is proto:
                 self._cursor = self.spool.acked
                 proto.transport.loseConnection()
@@ -216,11 +245,13 @@ class Forwarder:
                     self._say(f"manager answered {outcome.code} {REASONS.get(outcome.code, '')}".rstrip())
             return
         if outcome.code == 200:
-            self.spool.ack(record.seq)
             self.delivered += 1
+            self._done.add(record.seq)
+            self._advance()
             self._fill()
             return
-        # refused for ever: keep it aside durably, then let the others flow
+        # refused for ever: keep it aside durably while the alerts behind it flow on
+        self._aside.add(record.seq)
         meta = {"seq": record.seq, "content_type": record.content_type, "code": outcome.code,
                 "reason": outcome.reason}
 
@@ -231,12 +262,15 @@ class Forwarder:
                 dir=str(Path(self.spool.files.directory) / "rejected"),
             )
             self.refused[outcome.code or 0] += 1
-            self.spool.ack(record.seq)
+            self._aside.discard(record.seq)
+            self._done.add(record.seq)
+            self._advance()
             self._fill()
 
         def not_kept(failure: Failure) -> None:
             self.log.error("cannot set refused alert {seq} aside: {why}; retrying later",
                            seq=record.seq, why=failure.getErrorMessage())
+            self._aside.discard(record.seq)  # sent again, and refused again, on the next connection
             if self.active is proto:
                 self._cursor = self.spool.acked
                 proto.transport.loseConnection()

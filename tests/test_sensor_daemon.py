@@ -608,6 +608,8 @@ def test_refused_alerts_set_aside(pki: TestPKI, procs: Processes, tmp_path: Path
     assert files_in(normal) == [] and files_in(plain) == []
     assert "refused alert" in sensor.log() and "415" in sensor.log()
     assert sensor.proc.poll() is None and m_daemon.proc.poll() is None
+    # refusals do not cost a reconnection: the alerts behind one keep flowing on the same session
+    assert m_daemon.log().count("sensor sensor1.test ready on connection") == 1, tails(sensor, m_daemon)
 
 
 def test_alert_larger_than_the_spool_does_not_block_the_others(
