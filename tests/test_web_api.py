@@ -329,6 +329,32 @@ class AlertsAPITests(WebTestCase):
         self.assertEqual(sum(sum(m["counts"].values()) for m in stats["series"]), 1)
 
     @inlineCallbacks
+    def test_foreign_pages_may_open_a_page_but_not_load_or_read_one(self) -> Any:
+        """A hostile page in the operator's browser cannot make it run API queries
+        (an <img> at /api/events with a costly filter) or read anything; a link from
+        elsewhere still opens the page, and clients that are not browsers pass."""
+        yield self.send(idmef_alert("x-1"))
+
+        def fetch(site: bytes, mode: bytes, dest: bytes) -> dict[bytes, list[bytes]]:
+            return {b"Sec-Fetch-Site": [site], b"Sec-Fetch-Mode": [mode], b"Sec-Fetch-Dest": [dest]}
+
+        for site in (b"cross-site", b"same-site"):
+            for path, mode, dest in (("/api/events?sensor=*", b"no-cors", b"image"),
+                                     ("/api/alerts", b"cors", b"empty"), ("/alerts", b"navigate", b"iframe"),
+                                     ("/static/dashboard.js", b"no-cors", b"script")):
+                response, body = yield self.get(path, headers=fetch(site, mode, dest))
+                self.assertEqual(response.code, 403, (site, path))
+                self.assertIn(b"cross-site requests may only open a page", body)
+            response, _ = yield self.get("/alerts/1", headers=fetch(site, b"navigate", b"document"))
+            self.assertEqual(response.code, 200)
+        for site in (b"same-origin", b"none"):
+            response, _ = yield self.get("/api/alerts", headers=fetch(site, b"cors", b"empty"))
+            self.assertEqual(response.code, 200, site)
+        response, _ = yield self.get("/api/alerts")  # curl, Prometheus: no Sec-Fetch-* at all
+        self.assertEqual(response.code, 200)
+        self.assertFalse(self.root.hub.clients)
+
+    @inlineCallbacks
     def test_read_only_every_other_method_is_405(self) -> Any:
         yield self.send(idmef_alert("r-1"))
         for path in ("/api/alerts", "/api/alerts/1", "/api/sensors", "/api/events", "/alerts", "/alerts/1",

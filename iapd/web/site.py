@@ -66,7 +66,30 @@ class SecureRequest(Request):
             self.write(b"Method Not Allowed: this site is read-only (GET and HEAD)\n")
             self.finish()
             return
+        if not fetch_allowed(self):
+            self.setResponseCode(403)
+            self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            self.write(b"Forbidden: cross-site requests may only open a page (navigate), not read or load one\n")
+            self.finish()
+            return
         super().process()
+
+
+def fetch_allowed(request: Request) -> bool:
+    """Whether a browser's request may reach a resource (a resource isolation policy).
+
+    Reads are harmless in themselves, but a hostile page open in the operator's browser
+    could make it load costly API queries (an <img> pointing at /api/events with a
+    pathological filter), carrying the cached password with them.  Browsers say where
+    a request comes from in Sec-Fetch-Site: requests from this origin, typed addresses
+    and bookmarks (none) and top-level navigations (a link in a ticket) pass; anything
+    else a foreign page starts is refused.  Clients that send no such header (curl,
+    Prometheus, old browsers) are not browsers acting for a foreign page and pass.
+    """
+    site = request.getHeader(b"sec-fetch-site")
+    if site is None or site in (b"same-origin", b"none"):
+        return True
+    return request.getHeader(b"sec-fetch-mode") == b"navigate" and request.getHeader(b"sec-fetch-dest") == b"document"
 
 
 class MetricsResource(Resource):
