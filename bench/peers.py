@@ -195,7 +195,7 @@ def run_relp(workdir: Path, size: int, count: int, window: int | None, tls: bool
         used_b, used_a = receiver.cpu() - cpu_b, sender.cpu() - cpu_a
         time.sleep(0.3)
         lines = out.read_bytes().split(b"\n")[:-1]
-        ids = {line.split(b" ", 1)[0] for line in lines}
+        ids = {line.split(None, 1)[0] for line in lines if line.strip()}
         if len(lines) != count or len(ids) != count:
             raise BenchError(f"rsyslog RELP {tag}: {count} messages sent, {len(lines)} lines, {len(ids)} distinct ids")
         return {"rate": count / (last - started), "rate_from_first": count / max(last - first, 1e-9),
@@ -262,8 +262,11 @@ class PreludeSetup:
                  f"--passwd={password}", "--uid=0", "--gid=0"],
                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
             )
-            if done.returncode != 0 or "Successful registration" not in done.stdout:
+            if "Successful registration" not in done.stdout + done.stderr:
                 raise BenchError(f"prelude sensor registration failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+        except BaseException:
+            self.remove()
+            raise
         finally:
             stop(server, 5)
             log.close()
@@ -304,7 +307,11 @@ def run_prelude(setup: PreludeSetup, size: int, count: int, tag: str) -> dict[st
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(d / "sender.log", "wb"),
                                   cwd=d, start_new_session=True)
         assert sender.stdin is not None and sender.stdout is not None
-        if sender.stdout.readline().strip() != b"ready":
+        for _ in range(50):  # libprelude logs its connection on standard output first
+            line = sender.stdout.readline()
+            if not line or line.strip() == b"ready":
+                break
+        if line.strip() != b"ready":
             raise BenchError(f"the prelude client did not start: {(d / 'sender.log').read_text()[-1000:]}")
         counter = OutputCounter(out, b"<Alert ")
         time.sleep(0.5)
