@@ -279,6 +279,26 @@ class SQLiteBackend:
             self._db = None
 
 
+class _Group:
+    """The alerts of one L{GroupCommitStore.add_many} call, settled one by one."""
+
+    __slots__ = ("results", "remaining", "deferred")
+
+    def __init__(self, count: int) -> None:
+        self.results: list[Any] = [None] * count
+        self.remaining = count
+        self.deferred: Deferred[list[Any]] = Deferred()
+
+    def settle(self, index: int, result: bool | StoreError) -> None:
+        self.results[index] = result
+        self.remaining -= 1
+        if not self.remaining:
+            self.deferred.callback(self.results)
+
+
+_Entry = tuple[AlertRecord, _Group, int]
+
+
 class GroupCommitStore:
     """
     The manager's store: C{add} returns a Deferred that fires once the alert is
@@ -316,9 +336,7 @@ class GroupCommitStore:
         self._backlog_bytes = 0
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="iapd-store")
         self._open = False
-        self._queues: collections.OrderedDict[str, collections.deque[tuple[AlertRecord, Deferred[bool]]]] = (
-            collections.OrderedDict()
-        )
+        self._queues: collections.OrderedDict[str, collections.deque[_Entry]] = collections.OrderedDict()
         self._queued = 0
         self._seen: Seen = {}
         self._committing = False
@@ -364,22 +382,42 @@ class GroupCommitStore:
         self._kick()
 
     def add(self, record: AlertRecord) -> Deferred[bool]:
-        d: Deferred[bool] = Deferred()
-        if self._closing is not None:
-            d.errback(StoreError("the store is shutting down"))
-            return d
-        if self._backlog_bytes + len(record.body) > self._max_backlog_bytes and self._queued:
-            d.errback(StoreError(f"more than {self._max_backlog_bytes} octets wait for a commit"))
-            return d
-        self._backlog_bytes += len(record.body)
-        self._queues.setdefault(record.sensor, collections.deque()).append((record, d))
-        self._queued += 1
-        self._kick()
-        return d
+        def one(results: list[bool | StoreError]) -> bool:
+            if isinstance(results[0], StoreError):
+                raise results[0]
+            return results[0]
 
-    def _take_batch(self) -> list[tuple[AlertRecord, Deferred[bool]]]:
+        return self.add_many([record]).addCallback(one)
+
+    def add_many(self, records: Sequence[AlertRecord]) -> Deferred[list[bool | StoreError]]:
+        """
+        Queue C{records}; fires once every one of them is settled, with True (new),
+        False (a retransmission) or the L{StoreError} that kept it out, for each.
+
+        One Deferred for what a connection read at once, instead of one per alert:
+        at tens of thousands of alerts a second, Deferreds and their callbacks were a
+        fifth of the reactor's work.
+        """
+        group = _Group(len(records))
+        queued = self._queued
+        for i, record in enumerate(records):
+            if self._closing is not None:
+                group.settle(i, StoreError("the store is shutting down"))
+            elif self._backlog_bytes + len(record.body) > self._max_backlog_bytes and self._queued:
+                group.settle(i, StoreError(f"more than {self._max_backlog_bytes} octets wait for a commit"))
+            else:
+                self._backlog_bytes += len(record.body)
+                self._queues.setdefault(record.sensor, collections.deque()).append((record, group, i))
+                self._queued += 1
+        if not records:
+            group.deferred.callback([])
+        if self._queued != queued:
+            self._kick()
+        return group.deferred
+
+    def _take_batch(self) -> list[_Entry]:
         """Up to max_batch alerts, one from each sensor's queue in turn."""
-        batch: list[tuple[AlertRecord, Deferred[bool]]] = []
+        batch: list[_Entry] = []
         while self._queues and len(batch) < self._max_batch:
             for sensor in list(self._queues):
                 queue = self._queues[sensor]
@@ -389,7 +427,7 @@ class GroupCommitStore:
                 if len(batch) >= self._max_batch:
                     break
         self._queued -= len(batch)
-        self._backlog_bytes -= sum(len(r.body) for r, _ in batch)
+        self._backlog_bytes -= sum(len(r.body) for r, _, _ in batch)
         return batch
 
     def _kick(self) -> None:
@@ -406,7 +444,7 @@ class GroupCommitStore:
         batch = self._take_batch()
         seen, self._seen = self._seen, {}
         self._committing = True
-        d = self._in_thread(self._commit, [r for r, _ in batch], seen)
+        d = self._in_thread(self._commit, [r for r, _, _ in batch], seen)
 
         def committed(results: list[bool]) -> None:
             self.commits += 1
@@ -417,16 +455,17 @@ class GroupCommitStore:
                 if self._summary_timer is None and self._closing is None:
                     self._summary_timer = self._reactor.callLater(self.SUMMARY_DELAY, self._summary_time)
             self.committed += sum(results)
-            for (_, waiting), new in zip(batch, results):
-                waiting.callback(new)
+            for (_, group, i), new in zip(batch, results):
+                group.settle(i, new)
 
         def failed(failure: Any) -> None:
             self.log.error(
                 "store commit of {count} alerts failed ({kind}: {why}); answering 503",
                 count=len(batch), kind=failure.type.__name__, why=failure.getErrorMessage(),
             )
-            for _, waiting in batch:
-                waiting.errback(StoreError(f"commit failed: {failure.getErrorMessage()}"))
+            error = StoreError(f"commit failed: {failure.getErrorMessage()}")
+            for _, group, i in batch:
+                group.settle(i, error)
 
         def next_batch(_: Any) -> None:
             self._committing = False
@@ -498,8 +537,8 @@ class GroupCommitStore:
         queues, self._queues = self._queues, collections.OrderedDict()
         self._queued = self._backlog_bytes = 0
         for queue in queues.values():
-            for _, waiting in queue:
-                waiting.errback(error)
+            for _, group, i in queue:
+                group.settle(i, error)
 
     def close(self) -> Deferred[None]:
         """Commit what is queued, then close the database and stop the thread."""

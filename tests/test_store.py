@@ -98,6 +98,21 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(len(read_alerts(self.path)), 3)
 
     @inlineCallbacks
+    def test_add_many_settles_each_alert(self) -> Any:
+        store = SQLiteStore(self.path, reactor, max_backlog_bytes=100)
+        yield store.open()
+        yield store.add(record(b"old"))
+        group = [record(b"old"), record(b"%039d" % 1), record(b"%039d" % 2), record(b"%039d" % 3), record(b"new")]
+        results = yield store.add_many(group)
+        # past the backlog bound one is refused; the others of the group are settled as usual
+        self.assertEqual(results[:3] + results[4:], [False, True, True, True])
+        self.assertIsInstance(results[3], StoreError)
+        self.assertEqual((yield store.add_many([])), [])
+        yield store.close()
+        closed = yield store.add_many([record(b"late")])
+        self.assertIsInstance(closed[0], StoreError)
+
+    @inlineCallbacks
     def test_sensors_table(self) -> Any:
         store = SQLiteStore(self.path, reactor)
         yield store.open()
