@@ -206,6 +206,24 @@ class Manager(Process):
                     raise
                 time.sleep(0.1)  # the manager creates the table just after it listens
 
+    def unsummarised(self) -> int:
+        """Alerts stored whose IDMEF summary the manager has not written yet."""
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
+            return db.execute("SELECT count(*) FROM alerts WHERE idmef IS NULL").fetchone()[0]
+
+    def wait_summarised(self, timeout: float = 300) -> float:
+        """
+        Wait until the manager has caught up with the summaries it writes after the
+        acknowledgement (so that one run does not pay for the last); how long it took.
+        """
+        started = time.monotonic()
+        while self.unsummarised():
+            self.alive()
+            if time.monotonic() - started > timeout:
+                raise BenchError(f"{self.name}: {self.unsummarised()} alerts still unsummarised after {timeout}s")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
     def check_stored(self, after_id: int, acked: int, tag: str) -> None:
         """
         Every alert acknowledged since C{after_id} is in the store exactly once: as many
