@@ -22,9 +22,9 @@ acknowledged.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,89 +34,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
-TICKS = os.sysconf("SC_CLK_TCK")
+from common import BENCH, Chain, Manager, env, free_port, make_pki, stop  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port} after {timeout}s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of C{pid} and of its children that have been reaped."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / TICKS
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    return e
-
-
-class Relay:
-    """A relay process in front of C{target_port}, or none at all."""
-
-    def __init__(self, kind: str, target_port: int, workdir: Path) -> None:
-        self.kind = kind
-        self.proc: subprocess.Popen[bytes] | None = None
-        if kind == "direct":
-            self.port = target_port
-            return
-        self.port = free_port()
-        if kind == "iap-proxy":
-            conf = workdir / f"proxy-{self.port}.yaml"
-            conf.write_text(
-                "identity: bench-proxy.test\n"
-                f'listen: ["tcp:{self.port}:interface=127.0.0.1"]\n'
-                f'routes: [{{match: "*", upstream: "tcp:host=127.0.0.1:port={target_port}"}}]\n'
-            )
-            cmd = [*TWISTD, "--nodaemon", "--pidfile=", "--logfile=/dev/null", "iap-proxy", "-c", str(conf)]
-        elif kind == "socat":
-            cmd = ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay",
-                   f"TCP:127.0.0.1:{target_port},nodelay"]
-        else:
-            raise ValueError(kind)
-        self.proc = subprocess.Popen(cmd, env=env(), cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def cpu(self) -> float:
-        """
-        CPU seconds used by the relay.  socat forks a child per connection; once the
-        connection is over the child is reaped and its time is in the parent's.
-        """
-        if self.proc is None:
-            return 0.0
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        deadline = time.monotonic() + 10
-        while children.exists() and children.read_text().split() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return cpu_seconds(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def relay_in_front(kind: str, target_port: int, workdir: Path) -> Chain:
+    """No relay (C{direct}), or one relay process of C{kind} in front of C{target_port}."""
+    return Chain("iap-proxy" if kind == "direct" else kind, 0 if kind == "direct" else 1, target_port, workdir)
 
 
 def connect_through(port: int) -> socket.socket:
@@ -186,69 +111,33 @@ def bulk(port: int, megabytes: int) -> float:
     return total / elapsed / 1e6
 
 
-def iap_run(port: int, workdir: Path, count: int) -> float:
-    """Alerts/s from a real sensor connection to the real manager through C{port}."""
-    script = workdir / "send_n.py"
-    script.write_text(
-        "import sys, time\n"
-        "from twisted.internet import endpoints, task\n"
-        "from iapd.client import SensorSettings, deliver\n"
-        "from iapd.tls import load_material\n"
-        "def main(reactor, port, count, pki):\n"
-        "    m = load_material(f'{pki}/sensor.bench.crt', f'{pki}/sensor.bench.key', f'{pki}/ca.crt')\n"
-        "    s = SensorSettings(manager='manager.bench', material=m, window=64)\n"
-        "    ep = endpoints.TCP4ClientEndpoint(reactor, '127.0.0.1', int(port))\n"
-        "    alerts = [('application/x-idef-alert', b'%08d' % i + b'x' * 1016) for i in range(int(count))]\n"
-        "    t = time.perf_counter()\n"
-        "    def done(outcomes):\n"
-        "        bad = [o for o in outcomes if not o.acknowledged]\n"
-        "        if bad: raise SystemExit(f'{len(bad)} not acknowledged: {bad[0]}')\n"
-        "        print(len(outcomes) / (time.perf_counter() - t))\n"
-        "    return deliver(reactor, ep, s, alerts).addCallback(done)\n"
-        "task.react(main, sys.argv[1:])\n"
-    )
+def iap_run(port: int, workdir: Path, count: int) -> tuple[float, int]:
+    """Alerts/s from one real sensor connection (window 64) to the real manager through C{port}."""
     out = subprocess.run(
-        [sys.executable, str(script), str(port), str(count), str(workdir / "pki")],
+        [sys.executable, str(BENCH / "loadgen.py"), "--port", str(port), "--pki", str(workdir / "pki"),
+         "--window", "64", "--duration", str(max(1.0, count / 5000)), "--tag", f"relay{port % 10000}"],
         env=env(), capture_output=True, text=True, timeout=600,
     )
-    if out.returncode != 0:
-        raise SystemExit(f"iap run failed: {out.stderr[-2000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else None
+    if out.returncode != 0 or result is None or result["errors"] or result["sent"] != result["acked"]:
+        raise SystemExit(f"iap run failed: {result and result['errors']} {out.stderr[-2000:]}")
+    return result["rate"], result["acked"]
 
 
-def start_manager(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    from iapd import pki
-
-    pki.init_ca(workdir / "pki")
-    pki.issue(workdir / "pki", "manager", "manager.bench")
-    pki.issue(workdir / "pki", "sensor", "sensor.bench")
-    port = free_port()
-    (workdir / "manager.yaml").write_text(
-        "identity: manager.bench\n"
-        f'listen: ["tcp:{port}:interface=127.0.0.1"]\n'
-        "tls: {certificate: pki/manager.bench.crt, key: pki/manager.bench.key, ca: pki/ca.crt}\n"
-        'store: "sqlite:///bench.db"\n'
-    )
-    proc = subprocess.Popen(
-        [*TWISTD, "--nodaemon", "--pidfile=", "--logfile=manager.log", "iap-manager", "-c", "manager.yaml"],
-        env=env(), cwd=workdir,
-    )
-    wait_port(port)
-    return proc, port
-
-
-def measure(kinds: list[str], target: int, workdir: Path, run: Callable[[int], float], units: float) -> dict[str, tuple[float, float]]:
+def measure(kinds: list[str], target: int, workdir: Path, run: Callable[[int], float | tuple[float, int]],
+            units: float) -> dict[str, tuple[float, float]]:
     """{relay: (rate, relay CPU microseconds per unit)}"""
     results = {}
     for kind in kinds:
-        relay = Relay(kind, target, workdir)
+        relay = relay_in_front(kind, target, workdir)
         try:
             before = relay.cpu()
-            rate = run(relay.port)
+            outcome = run(relay.port)
             used = relay.cpu() - before
         finally:
             relay.stop()
-        results[kind] = (rate, used / units * 1e6)
+        rate, done = outcome if isinstance(outcome, tuple) else (outcome, units)
+        results[kind] = (rate, used / done * 1e6)
     return results
 
 
@@ -263,8 +152,10 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="iapd-bench-"))
     echo_port = free_port()
-    echo = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"), str(echo_port)], stdout=subprocess.PIPE)
-    manager, manager_port = start_manager(workdir)
+    echo = subprocess.Popen([sys.executable, str(BENCH / "echo_server.py"), str(echo_port)], stdout=subprocess.PIPE)
+    make_pki(workdir / "pki")
+    manager = Manager(workdir, workdir / "pki")
+    manager_port = manager.port
     try:
         assert echo.stdout is not None and echo.stdout.readline().strip() == b"ready"
         rows = [
@@ -274,12 +165,8 @@ def main() -> int:
              measure(kinds, manager_port, workdir, lambda p: iap_run(p, workdir, alerts), alerts)),
         ]
     finally:
-        for proc in (echo, manager):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(echo)
+        manager.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\nrelay benchmark ({'smoke' if args.smoke else 'full'} run; loopback, {os.cpu_count()} cores)")

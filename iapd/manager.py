@@ -38,7 +38,7 @@ from .metrics import ManagerMetrics
 from .parser import MAX_LINE, MAX_SETUP_LINES, ContentReader, Refused, describe
 from .roles import IAP_ALERT_GENERATOR, identity_of, role_problem
 from .setupreceiver import SetupReceiver, describe_peer
-from .store import AlertRecord
+from .store import AlertRecord, utcnow
 from .tls import (
     TLSMaterial,
     manager_unusable_reason,
@@ -104,15 +104,16 @@ class State:
 
 
 class _Pending:
-    """One alert's place in the in-order response queue."""
+    """The place of one alert, or of several read together, in the in-order response queue."""
 
-    __slots__ = ("response", "fatal", "size", "reason")
+    __slots__ = ("response", "fatal", "size", "reason", "count")
 
-    def __init__(self, size: int = 0) -> None:
+    def __init__(self, size: int = 0, count: int = 0) -> None:
         self.response: bytes | None = None
         self.fatal = False
         self.size = size
         self.reason = ""
+        self.count = count  # alerts waiting for the store
 
 
 @implementer(IHandshakeListener)
@@ -139,6 +140,7 @@ class ManagerProtocol(SetupReceiver):
         self._reader: ContentReader | None = None
         self._pending: collections.deque[_Pending] = collections.deque()
         self._in_flight_bytes = 0
+        self._in_flight = 0
         self._paused = False
         self._close_reason = "peer closed"
         self._urgent_fd: int | None = None
@@ -297,11 +299,16 @@ class ManagerProtocol(SetupReceiver):
     def _data_received(self, data: bytes) -> None:
         assert self._reader is not None
         metrics = self.factory.metrics
+        alerts: list[m.Content] = []  # read together, stored together, answered together
         for event in self._reader.feed(data):
             metrics.alerts_received.inc()
             if isinstance(event, m.Content):
-                self._alert(event)
-            elif isinstance(event, Refused):
+                alerts.append(event)
+                continue
+            if alerts:
+                self._alerts(alerts)
+                alerts = []
+            if isinstance(event, Refused):
                 self.rejected += 1
                 metrics.alerts_rejected.labels(event.error.code).inc()
                 self.log.warn(
@@ -321,46 +328,61 @@ class ManagerProtocol(SetupReceiver):
                 self._pending.append(slot)
                 self.log.warn("sensor {sensor} broke framing: {error}; closing", sensor=self.sensor, error=str(event))
                 break
+        if alerts:
+            self._alerts(alerts)
         self._flush()
         self._apply_backpressure()
 
-    def _alert(self, content: m.Content) -> None:
-        slot = _Pending(len(content.body))
+    def _alerts(self, contents: list[m.Content]) -> None:
+        """
+        Hand alerts read together to the store as one group: one Deferred and one
+        answer write for the group, not one per alert (draft order is kept: the group
+        holds one place in the response queue).
+        """
+        slot = _Pending(sum(len(c.body) for c in contents), len(contents))
         self._pending.append(slot)
         self._in_flight_bytes += slot.size
-        record = AlertRecord(
-            sensor=self.sensor or "", content_type=content.content_type, body=content.body,
-            via=self.via, peer=self.peer,
-        )
-        d = self.factory.store.add(record)
+        self._in_flight += slot.count
+        received = utcnow()
+        sensor, via, peer = self.sensor or "", self.via, self.peer
+        d = self.factory.store.add_many([
+            AlertRecord(sensor=sensor, content_type=c.content_type, body=c.body, via=via, peer=peer, received=received)
+            for c in contents
+        ])
 
-        def committed(new: bool) -> None:
-            self._store_failing = False
-            if new:
-                self.stored += 1
-                self.factory.metrics.alerts_stored.inc()
-            else:
-                self.duplicates += 1
-                self.factory.metrics.alerts_duplicate.inc()
-            slot.response = m.ok(self.version)
+        metrics = self.factory.metrics
+
+        def settled(results: list[Any]) -> None:
+            ok = m.ok(self.version)
+            answers = []
+            for result in results:
+                if result is True or result is False:
+                    self._store_failing = False
+                    if result:
+                        self.stored += 1
+                        metrics.alerts_stored.inc()
+                    else:
+                        self.duplicates += 1
+                        metrics.alerts_duplicate.inc()
+                    answers.append(ok)
+                else:
+                    if not self._store_failing:  # once per outage and connection, not per alert
+                        self._store_failing = True
+                        self.log.error(
+                            "store unavailable, answering 503 to {sensor} on connection {conn}: {why}",
+                            sensor=self.sensor, conn=self.conn_id, why=str(result),
+                        )
+                    self.rejected += 1
+                    metrics.alerts_rejected.labels(503).inc()
+                    answers.append(m.status(503, self.version))
+            slot.response = b"".join(answers)
             self._settle(slot)
 
-        def failed(failure: Any) -> None:
-            if not self._store_failing:  # once per outage and connection, not per alert
-                self._store_failing = True
-                self.log.error(
-                    "store unavailable, answering 503 to {sensor} on connection {conn}: {why}",
-                    sensor=self.sensor, conn=self.conn_id, why=failure.getErrorMessage(),
-                )
-            self.rejected += 1
-            self.factory.metrics.alerts_rejected.labels(503).inc()
-            slot.response = m.status(503, self.version)
-            self._settle(slot)
-
-        d.addCallbacks(committed, failed)
+        d.addCallback(settled)
 
     def _settle(self, slot: _Pending) -> None:
         self._in_flight_bytes -= slot.size
+        self._in_flight -= slot.count
         self._flush()
         self._apply_backpressure()
 
@@ -381,17 +403,17 @@ class ManagerProtocol(SetupReceiver):
 
     @property
     def in_flight(self) -> int:
-        """Alerts read from this connection and not yet answered."""
-        return len(self._pending)
+        """Alerts read from this connection and not yet committed."""
+        return self._in_flight
 
     def _apply_backpressure(self) -> None:
         if self.state != State.DATA:
             return
-        heavy = len(self._pending) >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES
+        heavy = self._in_flight >= MAX_IN_FLIGHT or self._in_flight_bytes >= MAX_IN_FLIGHT_BYTES
         if heavy and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and len(self._pending) < MAX_IN_FLIGHT // 2 and self._in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2:
+        elif self._paused and self._in_flight < MAX_IN_FLIGHT // 2 and self._in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2:
             self._paused = False
             self.transport.resumeProducing()
 
@@ -443,7 +465,7 @@ class ManagerProtocol(SetupReceiver):
             self._deadline.cancel()
         self.factory.urgent.unwatch(self._urgent_fd)
         self.factory.connections.discard(self)
-        unanswered = sum(1 for slot in self._pending if slot.response is None)
+        unanswered = sum(slot.count for slot in self._pending if slot.response is None)
         self.state = State.CLOSED
         self.log.info(
             "connection {conn} from {peer} closed ({why}): {stored} stored, {dup} duplicate, {rej} refused"

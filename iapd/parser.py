@@ -207,6 +207,8 @@ class ContentReader:
         self._header: ContentHeader | None = None
         self._header_error: WireError | None = None
         self._broken = False
+        self._last_block: bytes | None = None
+        self._last_header: tuple[ContentHeader, WireError | None] = (ContentHeader(None, 0), None)
 
     @property
     def buffered(self) -> int:
@@ -235,15 +237,22 @@ class ContentReader:
                         self._broken = True
                         yield bad_request(f"content header larger than {MAX_HEADER_BYTES} octets")
                         return
-                    parsed = parse_content_header(bytes(buf[pos:end]), self._max)
+                    block = bytes(buf[pos:end])
                     pos = end + 4
                     self._scan_from = 0
-                    if isinstance(parsed, WireError):
-                        self._broken = True
-                        yield parsed
-                        return
-                    self._header = parsed
-                    self._header_error = self._check_type(parsed)
+                    if block == self._last_block:
+                        # a sensor sends the same header again and again (same type,
+                        # often the same length): parsed and checked once
+                        self._header, self._header_error = self._last_header
+                    else:
+                        parsed = parse_content_header(block, self._max)
+                        if isinstance(parsed, WireError):
+                            self._broken = True
+                            yield parsed
+                            return
+                        self._header = parsed
+                        self._header_error = self._check_type(parsed)
+                        self._last_block, self._last_header = block, (parsed, self._header_error)
                 header = self._header
                 assert header.content_length is not None
                 need = header.content_length + 4

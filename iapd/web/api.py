@@ -19,7 +19,7 @@ import urllib.parse
 from importlib import resources
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -47,9 +47,44 @@ def answer(request: Request, value: Any) -> bytes:
     return json_bytes(value) + b"\n"
 
 
-def in_thread(reactor: Any) -> Callable[..., Deferred[Any]]:
-    """Run a blocking read in the reactor's thread pool, never on the reactor."""
-    return lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+SUMMARY_WAIT = 2.0
+"""Longest a read waits for the store to summarise what it has committed."""
+
+
+def in_thread(reactor: Any, store: Any = None) -> Callable[..., Deferred[Any]]:
+    """Run a blocking read in the reactor's thread pool, never on the reactor.
+
+    With C{store}, a read first waits (at most L{SUMMARY_WAIT} seconds) until the
+    alerts committed so far are summarised: the SQLite store writes summaries after
+    the commit, and a filter on severity or classification must not miss an alert that
+    is stored but not yet summarised.  Past the wait the read goes ahead (rows still
+    unsummarised are summarised when read, but only filters in SQL can select them).
+    """
+
+    def run(f: Any, *args: Any) -> Deferred[Any]:
+        ready = summaries_then(reactor, store) if store is not None else succeed(None)
+        return ready.addCallback(lambda _: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
+
+    return run
+
+
+def summaries_then(reactor: Any, store: Any, timeout: float = SUMMARY_WAIT) -> Deferred[None]:
+    """Fires when C{store} has summarised its committed alerts, or after C{timeout}."""
+    done: Deferred[None] = Deferred()
+    summarised = getattr(store, "summarised", None)
+    if summarised is None:
+        done.callback(None)
+        return done
+
+    def fire(_: Any = None) -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    timer = reactor.callLater(timeout, fire)
+    summarised().addBoth(fire)
+    return done
 
 
 def respond_later(request: Request, d: Deferred[Any], render: Callable[[Any], bytes]) -> Any:
@@ -280,9 +315,9 @@ INDEX = {
 }
 
 
-def api_root(reader: StoreReader, hub: EventHub, reactor: Any) -> Resource:
+def api_root(reader: StoreReader, hub: EventHub, reactor: Any, store: Any = None) -> Resource:
     """C{/api}: the tree of L{INDEX}."""
-    run = in_thread(reactor)
+    run = in_thread(reactor, store)
     api = JSONDirectory(INDEX)
     api.putChild(b"alerts", AlertsResource(reader, run))
     api.putChild(b"sensors", SensorsResource(reader, run))

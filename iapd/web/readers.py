@@ -138,7 +138,12 @@ class StoreReader:
         return pgstore._alert_dict(row, with_body)
 
     def _select(self, with_body: bool = False) -> str:
-        return "SELECT " + ALERT_COLUMNS.format(length=self.dialect.length) + (", body" if with_body else "")
+        columns = ALERT_COLUMNS.format(length=self.dialect.length) + (", body" if with_body else "")
+        if self.store_path is not None:
+            # the SQLite store summarises after the commit: a row read before that is
+            # summarised here, from its body (as iapctl does)
+            columns += ", CASE WHEN idmef IS NULL THEN body END AS pending_body"
+        return "SELECT " + columns
 
     def alerts(self, q: AlertQuery) -> AlertPage:
         """A page of alerts, newest first."""

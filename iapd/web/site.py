@@ -194,14 +194,14 @@ def manager_root(metrics: Any, store: Any, config: Any, reactor: Any) -> Resourc
     reader = StoreReader.for_config(config)
     hub = EventHub(reader, reactor)
     hub.attach(store)
-    run = in_thread(reactor)
+    run = in_thread(reactor, store)
     root.putChild(b"", Redirect())
     root.putChild(b"alerts", AlertsPage(reader, run))
     root.putChild(b"sensors", SensorsPage(reader, run))
     static = StaticFiles()
     root.putChild(b"static", static)
     root.putChild(b"favicon.ico", static.children[b"favicon.svg"])  # what browsers ask for unprompted
-    root.putChild(b"api", api_root(reader, hub, reactor))
+    root.putChild(b"api", api_root(reader, hub, reactor, store))
     root.hub = hub  # type: ignore[attr-defined]
     return root
 

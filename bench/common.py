@@ -1,0 +1,353 @@
+"""
+What the benchmarks share: ports, processes, CPU and memory from /proc, a test PKI, the
+manager and relays as real processes, and alerts whose loss or duplication can be
+counted in the manager's store.
+
+Every process here is started by the benchmark, on 127.0.0.1, with files in a temporary
+directory; every process started is stopped (SIGTERM, then SIGKILL after a bounded wait).
+Subprocesses import iapd from this checkout (PYTHONPATH), never from site-packages:
+L{check_imports_here} makes sure of it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+TICKS = os.sysconf("SC_CLK_TCK")
+MANAGER = "manager.bench"
+SENSOR = "sensor.bench"
+IDEF = "application/x-idef-alert"
+
+
+class BenchError(SystemExit):
+    """A run that cannot be trusted (lost or duplicated alert, a process that died): exit loudly."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"\nBENCHMARK FAILED: {message}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"process {proc.args!r} exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(f"nothing listens on {port} after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of C{pid} and of its children that have been reaped."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of C{pid} (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for {pid}")
+
+
+def env() -> dict[str, str]:
+    """The environment of every subprocess: this checkout's iapd first on the path."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def check_imports_here() -> None:
+    """Fail unless a subprocess with L{env} imports iapd from this checkout."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import iapd, twisted.plugins.iapd_plugins as p, iapd.manager_tap as t; print(iapd.__file__)"],
+        env=env(), cwd="/", capture_output=True, text=True, timeout=60,
+    )
+    where = out.stdout.strip()
+    if out.returncode != 0 or not where.startswith(str(ROOT / "iapd")):
+        raise BenchError(f"subprocesses import iapd from {where or out.stderr[-500:]!r}, not from {ROOT}")
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise this process's descriptor limit towards C{wanted}; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    new = min(max(soft, wanted), hard) if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if new != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            if hard == resource.RLIM_INFINITY or wanted > hard:
+                pass
+            return soft
+    return new
+
+
+def nofile_hard() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def stop(proc: subprocess.Popen[Any] | None, timeout: float = 15) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL: for processes this benchmark started."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def make_pki(directory: Path) -> Path:
+    """A CA with one manager and one sensor certificate (iapd's own role conventions)."""
+    from iapd import pki
+
+    if not (directory / "ca.crt").exists():
+        pki.init_ca(directory)
+        pki.issue(directory, "manager", MANAGER)
+        pki.issue(directory, "sensor", SENSOR)
+    return directory
+
+
+class Process:
+    """A daemon this benchmark started; its log goes to a file."""
+
+    def __init__(self, name: str, args: Sequence[str], cwd: Path, nofile: int = 0, extra_env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = cwd / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        e = env()
+        e.update(extra_env or {})
+
+        def limits() -> None:
+            if nofile:
+                raise_nofile(nofile)
+
+        self.proc = subprocess.Popen(list(args), cwd=cwd, env=e, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=limits, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def rss(self) -> int:
+        return rss_kib(self.proc.pid)
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited with {self.proc.returncode}; its log:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._log.close()
+
+
+class Manager(Process):
+    """C{twistd iap-manager} on a fresh SQLite store in C{workdir}."""
+
+    def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager") -> None:
+        self.port = free_port()
+        self.db = workdir / f"{name}.db"
+        conf = workdir / f"{name}.yaml"
+        conf.write_text(
+            f"identity: {MANAGER}\n"
+            f'listen: ["tcp:{self.port}:interface=127.0.0.1:backlog=4096"]\n'
+            f"tls: {{certificate: {pki_dir}/{MANAGER}.crt, key: {pki_dir}/{MANAGER}.key, ca: {pki_dir}/ca.crt}}\n"
+            f'store: "sqlite:///{self.db}"\n'
+            "limits: {setup_timeout: 120}\n"
+        )
+        super().__init__(name, [*TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "iap-manager", "-c", str(conf)],
+                         workdir, nofile=nofile)
+        wait_port(self.port, 30, self.proc)
+
+    def last_id(self) -> int:
+        if not self.db.exists():
+            return 0
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
+                    return db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # the manager creates the table just after it listens
+
+    def unsummarised(self) -> int:
+        """Alerts stored whose IDMEF summary the manager has not written yet."""
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
+            return db.execute("SELECT count(*) FROM alerts WHERE idmef IS NULL").fetchone()[0]
+
+    def wait_summarised(self, timeout: float = 300) -> float:
+        """
+        Wait until the manager has caught up with the summaries it writes after the
+        acknowledgement (so that one run does not pay for the last); how long it took.
+        """
+        started = time.monotonic()
+        while self.unsummarised():
+            self.alive()
+            if time.monotonic() - started > timeout:
+                raise BenchError(f"{self.name}: {self.unsummarised()} alerts still unsummarised after {timeout}s")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def check_stored(self, after_id: int, acked: int, tag: str) -> None:
+        """
+        Every alert acknowledged since C{after_id} is in the store exactly once: as many
+        rows as acknowledgements, each message id (at a fixed offset, carrying C{tag})
+        and each digest once.
+        """
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
+            rows, digests, ids, tagged = db.execute(
+                "SELECT count(*), count(DISTINCT sha256), count(DISTINCT substr(body, ?, ?)),"
+                " sum(substr(body, ?, ?) = ?) FROM alerts WHERE id > ?",
+                (MID_OFFSET + 1, MID_LENGTH, MID_OFFSET + 1, len(tag), tag.encode(), after_id),
+            ).fetchone()
+        tagged = tagged or 0
+        if not (rows == digests == ids == tagged == acked):
+            raise BenchError(
+                f"run {tag}: {acked} alerts acknowledged, but the store holds {rows} new rows, {digests} distinct"
+                f" digests, {ids} distinct message ids, {tagged} of this run (lost or duplicated alerts)"
+            )
+
+
+class Relay(Process):
+    """A relay process in front of C{target_port}: iap-proxy or socat."""
+
+    def __init__(self, kind: str, target_port: int, workdir: Path, nofile: int = 0) -> None:
+        self.kind = kind
+        self.port = free_port()
+        name = f"{kind}-{self.port}"
+        if kind == "iap-proxy":
+            conf = workdir / f"{name}.yaml"
+            conf.write_text(
+                f"identity: proxy-{self.port}.bench\n"
+                f'listen: ["tcp:{self.port}:interface=127.0.0.1:backlog=4096"]\n'
+                f'routes: [{{match: "*", upstream: "tcp:host=127.0.0.1:port={target_port}"}}]\n'
+                "limits: {setup_timeout: 120, max_connections: 100000, max_per_source: 100000}\n"
+            )
+            cmd = [*TWISTD, "--nodaemon", "--pidfile=", "--logfile=/dev/null", "iap-proxy", "-c", str(conf)]
+        elif kind == "socat":
+            cmd = ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay,backlog=1024",
+                   f"TCP:127.0.0.1:{target_port},nodelay"]
+        else:
+            raise ValueError(kind)
+        super().__init__(name, cmd, workdir, nofile=nofile)
+        wait_port(self.port, 30, self.proc)
+
+    def cpu(self) -> float:
+        """
+        CPU seconds used by the relay and the children it has reaped.  socat forks a
+        child per connection: its time reaches the parent once the connection is over.
+        """
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        deadline = time.monotonic() + 10
+        while self.kind == "socat" and children.exists() and children.read_text().split() \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return cpu_seconds(self.proc.pid)
+
+
+class Chain:
+    """C{hops} relays of one kind in front of a manager; C{port} is where sensors connect."""
+
+    def __init__(self, kind: str, hops: int, target_port: int, workdir: Path, nofile: int = 0) -> None:
+        self.relays: list[Relay] = []
+        port = target_port
+        try:
+            for _ in range(hops):
+                relay = Relay(kind, port, workdir, nofile)
+                self.relays.append(relay)
+                port = relay.port
+        except BaseException:
+            self.stop()
+            raise
+        self.port = port
+
+    def cpu(self) -> float:
+        return sum(r.cpu() for r in self.relays)
+
+    def stop(self) -> None:
+        for relay in self.relays:
+            relay.stop()
+
+
+# -- alerts -------------------------------------------------------------------------
+
+MID_OFFSET = 134  # where the message id starts in every body (checked by make_alert)
+MID_LENGTH = 32
+
+
+def alert_template(size: int) -> tuple[bytes, bytes]:
+    """
+    A realistic IDMEF Alert of exactly C{size} octets, split around its 32-octet message
+    id: C{head + mid + tail}.
+    """
+    head = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n'
+        b'<idmef:IDMEF-Message xmlns:idmef="http://iana.org/idmef" version="1.0">'
+        b'<idmef:Alert messageid="'
+    )
+    assert len(head) == MID_OFFSET, len(head)
+    tail_start = (
+        b'"><idmef:Analyzer analyzerid="bench-01" name="suricata" class="NIDS"><idmef:Node>'
+        b'<idmef:name>sensor.bench</idmef:name></idmef:Node></idmef:Analyzer>'
+        b'<idmef:CreateTime ntpstamp="0xe9b1c2d3.0x0">2026-11-23T10:00:00Z</idmef:CreateTime>'
+        b'<idmef:Source><idmef:Node><idmef:Address category="ipv4-addr"><idmef:address>192.0.2.17'
+        b'</idmef:address></idmef:Address></idmef:Node></idmef:Source><idmef:Target><idmef:Node>'
+        b'<idmef:Address category="ipv4-addr"><idmef:address>198.51.100.5</idmef:address></idmef:Address>'
+        b'</idmef:Node></idmef:Target><idmef:Classification text="ET POLICY Suspicious TLS SNI"/>'
+        b'<idmef:Assessment><idmef:Impact severity="medium"/></idmef:Assessment>'
+        b'<idmef:AdditionalData type="string" meaning="payload"><idmef:string>'
+    )
+    tail_end = b"</idmef:string></idmef:AdditionalData></idmef:Alert></idmef:IDMEF-Message>\n"
+    pad = size - len(head) - MID_LENGTH - len(tail_start) - len(tail_end)
+    if pad < 0:
+        raise ValueError(f"alerts are at least {size - pad} octets")
+    filler = (b"GET /index.php?id=1 HTTP/1.1 Host: www.example.com User-Agent: curl/8.0 " * (pad // 70 + 1))[:pad]
+    return head, tail_start + filler + tail_end
+
+
+def message_id(tag: str, conn: int, seq: int) -> bytes:
+    """32 octets: the run's tag, the connection and the sequence number."""
+    mid = f"{tag}-{conn:06d}-{seq:010d}".encode()
+    if len(mid) > MID_LENGTH:
+        raise ValueError(f"tag {tag!r} is too long")
+    return mid.ljust(MID_LENGTH, b"x")
+
+
+def make_alert(head: bytes, tail: bytes, tag: str, conn: int, seq: int) -> bytes:
+    return head + message_id(tag, conn, seq) + tail
