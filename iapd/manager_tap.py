@@ -26,7 +26,7 @@ from .config import ConfigError, ManagerConfig, load_manager
 from .manager import ManagerFactory, ManagerSettings
 from .metrics import ManagerMetrics
 from .pgstore import PostgresStore
-from .reload import ReloadOnHangup, changed_keys
+from .reload import ReloadOnHangup, load_again, warn_restart_keys
 from .services import add_listeners, configuration_error
 from .store import GroupCommitStore, SQLiteStore, read_alerts
 from .web.site import manager_site
@@ -195,13 +195,10 @@ class ManagerReload:
 
     def __call__(self) -> None:
         path = self.config.path
-        try:
-            config = load_manager(path)
-            material = config.tls.load(str(path))
-        except ConfigError as e:
-            self.metrics.reloads.labels("failed").inc()
-            log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+        loaded = load_again(path, load_manager, failed=self.metrics.reloads.labels("failed").inc)
+        if loaded is None:
             return
+        config, material = loaded
         self.factory.reload(settings_from(config, material))
         self.metrics.certificate_expiry.set(material.not_after().timestamp())
         self.metrics.reloads.labels("ok").inc()
@@ -213,12 +210,7 @@ class ManagerReload:
             sensors=list(config.allow_sensors), networks=[str(n) for n in config.allow_networks],
             open=len(self.factory.connections),
         )
-        stale = changed_keys(self.config, config, RESTART_KEYS)
-        if stale:
-            log.warn(
-                "reload: {keys} changed in {path}; they take effect only after a restart",
-                keys=", ".join(k.replace("_", ".") for k in stale), path=str(path),
-            )
+        warn_restart_keys(self.config, config, RESTART_KEYS, path)
         self.config = config
 
 

@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from .config import ConfigError, ProxyConfig, load_proxy
 from .proxy import ProxyFactory, ProxySettings, Route
-from .reload import ReloadOnHangup, changed_keys
+from .reload import ReloadOnHangup, load_again, warn_restart_keys
 from .services import add_listeners, configuration_error
 
 log = Logger(namespace="iapd.proxy")
@@ -58,11 +58,10 @@ class ProxyReload:
 
     def __call__(self) -> None:
         path = self.config.path
-        try:
-            config = load_proxy(path)
-        except ConfigError as e:
-            log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+        loaded = load_again(path, load_proxy, tls=False)
+        if loaded is None:
             return
+        config, _ = loaded
         # identity and listen are wiring: they stay as started (see the warning below)
         self.factory.settings = settings_from(attr.evolve(config, identity=self.config.identity))
         log.info(
@@ -70,10 +69,7 @@ class ProxyReload:
             path=str(path), routes=[f"{m} -> {u}" for m, u in config.routes],
             networks=[str(n) for n in config.allow_networks], open=len(self.factory.connections),
         )
-        stale = changed_keys(self.config, config, ("identity", "listen"))
-        if stale:
-            log.warn("reload: {keys} changed in {path}; they take effect only after a restart",
-                     keys=", ".join(stale), path=str(path))
+        warn_restart_keys(self.config, config, ("identity", "listen"), path)
         self.config = attr.evolve(config, identity=self.config.identity, listen=self.config.listen)
 
 

@@ -14,10 +14,13 @@ says that a restart is needed for them.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application import service
 from twisted.logger import Logger
+
+from .config import ConfigError
 
 log = Logger(namespace="iapd.reload")
 
@@ -56,3 +59,27 @@ class ReloadOnHangup(service.Service):
 def changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
     """The attributes among C{keys} that differ between two configurations."""
     return [k for k in keys if getattr(old, k) != getattr(new, k)]
+
+
+def load_again(path: Path, load: Callable[[Path], Any], tls: bool = True, failed: Any = None) -> tuple[Any, Any] | None:
+    """C{(config, TLS material)} read afresh from C{path}, or None when any of it is
+    wrong: then one log line names the key and why, and C{failed()} counts it."""
+    try:
+        config = load(path)
+        material = config.tls.load(str(path)) if tls else None
+    except ConfigError as e:
+        if failed is not None:
+            failed()
+        log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+        return None
+    return config, material
+
+
+def warn_restart_keys(old: Any, new: Any, keys: tuple[str, ...], path: Path) -> None:
+    """Say which changed keys a reload could not apply."""
+    stale = changed_keys(old, new, keys)
+    if stale:
+        log.warn(
+            "reload: {keys} changed in {path}; they take effect only after a restart",
+            keys=", ".join(k.replace("_", ".") for k in stale), path=str(path),
+        )

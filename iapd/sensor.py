@@ -22,12 +22,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .client import SensorFactory, SensorProtocol, SensorSettings
-from .config import ConfigError, SensorConfig, load_sensor
+from .config import SensorConfig, load_sensor
 from .forwarder import Forwarder
 from .inputs import DirectoryInput, EveInput, SocketInput
 from .messages import IDEF_ALERT
 from .metrics import SensorMetrics
-from .reload import changed_keys
+from .reload import load_again, warn_restart_keys
 from .spool import Spool, SpoolFull
 from .web.site import make_site, metrics_root
 
@@ -150,13 +150,10 @@ class SensorService(service.Service):
     def reload(self) -> None:
         """SIGHUP: re-read sensor.yaml's TLS files; the next connection uses them."""
         path = self.config.path
-        try:
-            config = load_sensor(path)
-            material = config.tls.load(str(path))
-        except ConfigError as e:
-            self.metrics.reloads.labels("failed").inc()
-            log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
+        loaded = load_again(path, load_sensor, failed=self.metrics.reloads.labels("failed").inc)
+        if loaded is None:
             return
+        config, material = loaded
         settings = attr.evolve(self.forwarder.settings, material=material)
         self.forwarder.reload(settings)
         if self._inbound is not None:
@@ -167,10 +164,7 @@ class SensorService(service.Service):
             path=str(path), subject=material.certificate.subject.rfc4514_string(),
             until=f"{material.not_after():%Y-%m-%d %H:%M} UTC",
         )
-        stale = changed_keys(self.config, config, RESTART_KEYS)
-        if stale:
-            log.warn("reload: {keys} changed in {path}; they take effect only after a restart",
-                     keys=", ".join(k.replace("_", ".") for k in stale), path=str(path))
+        warn_restart_keys(self.config, config, RESTART_KEYS, path)
         self.config = attr.evolve(self.config, tls=config.tls)
 
     def _beat(self) -> None:
