@@ -300,8 +300,9 @@ class ManagerProtocol(SetupReceiver):
         assert self._reader is not None
         metrics = self.factory.metrics
         alerts: list[m.Content] = []  # read together, stored together, answered together
+        received = 0
         for event in self._reader.feed(data):
-            metrics.alerts_received.inc()
+            received += 1
             if isinstance(event, m.Content):
                 alerts.append(event)
                 continue
@@ -330,6 +331,8 @@ class ManagerProtocol(SetupReceiver):
                 break
         if alerts:
             self._alerts(alerts)
+        if received:
+            metrics.alerts_received.inc(received)  # once per read: each inc takes a lock
         self._flush()
         self._apply_backpressure()
 
@@ -355,15 +358,14 @@ class ManagerProtocol(SetupReceiver):
         def settled(results: list[Any]) -> None:
             ok = m.ok(self.version)
             answers = []
+            stored = duplicates = 0
             for result in results:
                 if result is True or result is False:
                     self._store_failing = False
                     if result:
-                        self.stored += 1
-                        metrics.alerts_stored.inc()
+                        stored += 1
                     else:
-                        self.duplicates += 1
-                        metrics.alerts_duplicate.inc()
+                        duplicates += 1
                     answers.append(ok)
                 else:
                     if not self._store_failing:  # once per outage and connection, not per alert
@@ -375,6 +377,12 @@ class ManagerProtocol(SetupReceiver):
                     self.rejected += 1
                     metrics.alerts_rejected.labels(503).inc()
                     answers.append(m.status(503, self.version))
+            self.stored += stored
+            self.duplicates += duplicates
+            if stored:
+                metrics.alerts_stored.inc(stored)
+            if duplicates:
+                metrics.alerts_duplicate.inc(duplicates)
             slot.response = b"".join(answers)
             self._settle(slot)
 

@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.trial import unittest
 
+from iapd import store as store_module
 from iapd.store import AlertRecord, SQLiteStore, StoreError, read_alerts, read_sensors
 
 from .support import IDEF, OK, content
@@ -121,6 +122,64 @@ class StoreTests(unittest.TestCase):
         yield store.close()
         [sensor] = read_sensors(self.path)
         self.assertEqual((sensor["sensor"], sensor["alerts"], sensor["via"]), ("s1.test", 1, ["p.test"]))
+
+    @inlineCallbacks
+    def test_next_commit_starts_before_answers(self) -> Any:
+        """
+        While the answers for one batch are being written, the alerts that arrived
+        during its commit are already on their way to the disk.
+        """
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        first = store.add(record(b"first"))
+        second = store.add(record(b"second"))  # queued while "first" commits
+        backlog_when_first_answered = []
+        first.addCallback(lambda new: backlog_when_first_answered.append(store.backlog) or new)
+        results = yield DeferredList([first, second], fireOnOneErrback=True)
+        yield store.close()
+        self.assertEqual([r for _, r in results], [True, True])
+        self.assertEqual(backlog_when_first_answered, [0])
+        self.assertEqual(store.commits, 2)
+        self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True)], [b"first", b"second"])
+
+    @inlineCallbacks
+    def test_failing_commit_observer_does_not_stop_the_store(self) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        seen: list[int] = []
+
+        def broken(count: int, seconds: float) -> None:
+            seen.append(count)
+            raise RuntimeError("observer bug")
+
+        store.commit_observers.append(broken)
+        yield store.open()
+        first = yield store.add(record(b"one"))
+        second = yield store.add(record(b"two"))
+        yield store.close()
+        self.assertEqual((first, second), (True, True))
+        self.assertEqual(seen, [1, 1])
+        self.assertEqual(len(read_alerts(self.path)), 2)
+        self.flushLoggedErrors(RuntimeError)
+
+    @inlineCallbacks
+    def test_wal_is_cut_back_after_checkpoints(self) -> Any:
+        """
+        The WAL may grow to WAL_PAGES between checkpoints (a larger WAL makes commits
+        cheaper), and not beyond: it is truncated back after each one.
+        """
+        self.patch(store_module, "WAL_PAGES", 32)
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        wal = Path(str(self.path) + "-wal")
+        sizes = []
+        for n in range(40):
+            yield DeferredList([store.add(record(b"%d-%d " % (n, i) + b"x" * 2000)) for i in range(20)])
+            sizes.append(wal.stat().st_size)
+        yield store.close()
+        self.assertEqual(len(read_alerts(self.path)), 800)
+        # one commit of 20 alerts of 2 KiB writes about 50 pages on top of the limit
+        self.assertLess(max(sizes[10:]), (32 + 80) * (4096 + 24))
+        self.assertGreater(max(sizes), 32 * 4096 // 2)
 
     def test_reader_errors(self) -> None:
         with self.assertRaises(StoreError) as e:
