@@ -239,7 +239,8 @@ class SQLiteBackend:
             params: list[Any] = []
             for row in chunk:
                 r = row.record
-                params += (r.sensor, r.received, r.content_type, r.sha256, json.dumps(list(r.via)) if r.via else "[]", r.peer, r.body,
+                via = json.dumps(list(r.via)) if r.via else "[]"
+                params += (r.sensor, r.received, r.content_type, r.sha256, via, r.peer, r.body,
                            None if row.pending else json.dumps(row.summary))
             cursor = db.execute(
                 "INSERT OR IGNORE INTO alerts (sensor, received, content_type, sha256, via, peer, body, idmef) VALUES "
