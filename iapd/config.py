@@ -203,7 +203,11 @@ def _load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
 
 
-def _endpoint_problem(kind: str) -> Callable[[str], str | None]:
+def endpoint_problem(kind: str) -> Callable[[str], str | None]:
+    """
+    A checker for Twisted endpoint strings of C{kind} ("server" or "client"): a typo in
+    an endpoint must stop the daemon at start with the key named, not at listen time.
+    """
     def check(text: str) -> str | None:
         from twisted.internet import endpoints, reactor
 
@@ -237,7 +241,7 @@ def _one_endpoint(reader: _Reader, key: str, kind: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise reader.fail(key, f"must be one {kind} endpoint string, got {value!r}")
-    problem = _endpoint_problem(kind)(value)
+    problem = endpoint_problem(kind)(value)
     if problem:
         raise reader.fail(key, f"{value!r}: {problem}")
     return value
@@ -249,7 +253,7 @@ def load_manager(path: Path) -> ManagerConfig:
     base = path.resolve().parent
     top = _Reader(_load_yaml(path), where, MANAGER_KEYS)
     identity = top.hostname("identity")
-    listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], _endpoint_problem("server"))
+    listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], endpoint_problem("server"))
     if not listen:
         raise top.fail("listen", "must name at least one endpoint")
     tls = top.tls(base)
@@ -278,7 +282,7 @@ def load_manager(path: Path) -> ManagerConfig:
     from .web.config import load_web
 
     web = load_web(top, base, tls.ca)
-    dial = top.strings("dial", [], _endpoint_problem("client"))
+    dial = top.strings("dial", [], endpoint_problem("client"))
     return ManagerConfig(
         path=path,
         identity=identity,
@@ -344,7 +348,7 @@ def load_sensor(path: Path) -> SensorConfig:
     sensor_web = top.sub("web", ("listen",))
     web_listen = sensor_web.get("listen", None)
     if web_listen is not None:
-        sensor_web.strings("listen", None, _endpoint_problem("server"))
+        sensor_web.strings("listen", None, endpoint_problem("server"))
     return SensorConfig(
         path=path, identity=identity, manager=manager, connect=connect, listen=listen, tls=tls,
         window=window, setup_timeout=setup_timeout, ack_timeout=ack_timeout, spool=spool,
@@ -358,7 +362,7 @@ def load_proxy(path: Path) -> ProxyConfig:
     where = str(path)
     top = _Reader(_load_yaml(path), where, PROXY_KEYS)
     identity = top.hostname("identity")
-    listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], _endpoint_problem("server"))
+    listen = top.strings("listen", [f"tcp:{DEFAULT_PORT}"], endpoint_problem("server"))
     if not listen:
         raise top.fail("listen", "must name at least one endpoint")
     raw_routes = top.get("routes")
@@ -371,7 +375,7 @@ def load_proxy(path: Path) -> ProxyConfig:
         match = route.get("match")
         if not isinstance(match, str) or not match:
             raise route.fail("match", f"must be a host glob such as '*.example.org', got {match!r}")
-        upstream = route.strings("upstream", attr.NOTHING, _endpoint_problem("client"))
+        upstream = route.strings("upstream", attr.NOTHING, endpoint_problem("client"))
         if len(upstream) != 1:
             raise route.fail("upstream", "must be one client endpoint string")
         routes.append((match, upstream[0]))

@@ -202,7 +202,8 @@ def _connect(url: str) -> Any:
         raise StoreError(f"cannot connect to PostgreSQL store {redact(url)}: {_one_line(e, url)}") from None
 
 
-def _timestamp(text: str) -> datetime.datetime:
+def parse_timestamp(text: str) -> datetime.datetime:
+    """Receive times travel as ISO 8601 text (as in SQLite); a time without a zone is UTC."""
     when = datetime.datetime.fromisoformat(text)
     return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
 
@@ -337,7 +338,7 @@ class PostgresBackend:
             r = rows[i].record
             summary = rows[i].summary
             params.append((
-                ids[i], r.sensor, _timestamp(r.received), r.content_type, r.sha256, Jsonb(_clean(list(r.via))),
+                ids[i], r.sensor, parse_timestamp(r.received), r.content_type, r.sha256, Jsonb(_clean(list(r.via))),
                 r.peer, r.body, None if summary is None else Jsonb(_clean(summary)),
             ))
         sensors = self._sensor_updates(rows, seen)
@@ -366,7 +367,7 @@ class PostgresBackend:
 
         updates: list[tuple[str, str, tuple[Any, ...]]] = []
         for identity, (when, peer, via) in seen.items():
-            at = _timestamp(when)
+            at = parse_timestamp(when)
             updates.append((identity, UPSERT_SEEN, (identity, at, at, peer, Jsonb(list(via)))))
         # several heartbeats of one sensor in a batch: the first one's connection data
         # for a sensor not yet known, the latest time, the last interval announced
@@ -375,7 +376,7 @@ class PostgresBackend:
             if not row.heartbeat:
                 continue
             r = row.record
-            at = _timestamp(r.received)
+            at = parse_timestamp(r.received)
             interval = (row.summary or {}).get("heartbeat_interval")
             if r.sensor not in beats:
                 beats[r.sensor] = [r.sensor, at, at, r.peer, Jsonb(list(r.via)), at, interval]
@@ -407,7 +408,8 @@ class PostgresStore(GroupCommitStore):
 # -- reading, for iapctl and tests: synchronous, another process ---------------------
 
 
-def _reader(url: str) -> Any:
+def open_reader(url: str) -> Any:
+    """A connection for readers (iapctl, the dashboard), separate from the manager's writing one."""
     psycopg = _psycopg()
     from psycopg.rows import dict_row
 
@@ -418,9 +420,10 @@ def _reader(url: str) -> Any:
     return conn
 
 
-def _query(url: str, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+def run_query(url: str, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+    """One read-only query on a fresh connection: readers are short-lived commands and web requests."""
     psycopg = _psycopg()
-    conn = _reader(url)
+    conn = open_reader(url)
     try:
         return list(conn.execute(sql, args).fetchall())
     except psycopg.errors.UndefinedTable:
@@ -473,7 +476,8 @@ def glob_regex(pattern: str) -> str | None:
     return "".join(out)
 
 
-def _alert_dict(row: dict[str, Any], with_body: bool) -> dict[str, Any]:
+def alert_from_row(row: dict[str, Any], with_body: bool) -> dict[str, Any]:
+    """One PostgreSQL row in the field names of C{iapctl alerts --json}, as the SQLite store gives them."""
     return alert_dict(row, with_body, received=_iso(row["received"]), via=row["via"], idmef=row["idmef"])
 
 
@@ -493,7 +497,7 @@ def read_alerts_pg(
         clauses.append("(idmef IS NULL OR idmef->>'kind' IS DISTINCT FROM 'Heartbeat')")
     if since is not None:
         try:
-            args.append(_timestamp(since))
+            args.append(parse_timestamp(since))
         except ValueError:
             raise StoreError(f"not an ISO 8601 time: {since!r}") from None
         clauses.append("received >= %s")
@@ -514,14 +518,14 @@ def read_alerts_pg(
         args.append(limit)
     else:
         tail = " ORDER BY id"
-    rows = _query(
+    rows = run_query(
         url,
         "SELECT id, sensor, received, content_type, sha256, via, peer, octet_length(body) AS size, idmef"
         + (", body" if with_body else "")
         + f" FROM alerts{where}{tail}",
         args,
     )
-    alerts = [_alert_dict(r, with_body) for r in rows]
+    alerts = [alert_from_row(r, with_body) for r in rows]
     if limit is not None:
         alerts.reverse()
     return alerts
@@ -529,7 +533,7 @@ def read_alerts_pg(
 
 def read_sensors_pg(url: str) -> list[dict[str, Any]]:
     """L{iapd.store.read_sensors} for a PostgreSQL store: the same dicts."""
-    rows = _query(
+    rows = run_query(
         url,
         "SELECT s.identity, s.first_seen, s.last_seen, s.last_peer, s.last_via,"
         " s.last_heartbeat, s.heartbeat_interval,"

@@ -647,7 +647,8 @@ class SQLiteStore(GroupCommitStore):
 # -- reading, for iapctl and tests: synchronous, read-only, another process ----------
 
 
-def _reader(path: Path) -> sqlite3.Connection:
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection, so that readers (iapctl, the dashboard) can never write to a running manager's store."""
     if not path.exists():
         raise StoreError(f"no store at {path} (has the manager run with this configuration?)")
     try:
@@ -680,7 +681,8 @@ def alert_dict(row: Any, with_body: bool, *, received: str, via: list[str], idme
     return out
 
 
-def _alert_dict(row: sqlite3.Row, with_body: bool) -> dict[str, Any]:
+def alert_from_row(row: sqlite3.Row, with_body: bool) -> dict[str, Any]:
+    """One SQLite row in the field names of C{iapctl alerts --json}, summarising it if the manager has not yet."""
     if row["idmef"] is None:
         # stored, not summarised yet (the manager catches up when it has time)
         from .idmef import summarize
@@ -725,7 +727,7 @@ def read_alerts(
         args.append(limit)
     else:
         tail = " ORDER BY id"
-    db = _reader(path)
+    db = open_reader(path)
     try:
         rows = db.execute(
             "SELECT id, sensor, received, content_type, sha256, via, peer, length(body) AS size, idmef,"
@@ -736,7 +738,7 @@ def read_alerts(
         ).fetchall()
     finally:
         db.close()
-    alerts = [_alert_dict(r, with_body) for r in rows]
+    alerts = [alert_from_row(r, with_body) for r in rows]
     if limit is not None:
         alerts.reverse()
     return alerts
@@ -757,7 +759,7 @@ def heartbeat_overdue(last: str | None, interval: float | None, now: datetime.da
 
 def read_sensors(path: Path) -> list[dict[str, Any]]:
     """Every sensor that connected or sent an alert, with its counts and times."""
-    db = _reader(path)
+    db = open_reader(path)
     try:
         rows = db.execute(
             "SELECT s.identity, s.first_seen, s.last_seen, s.last_peer, s.last_via,"

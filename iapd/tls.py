@@ -100,17 +100,20 @@ def load_material(certificate: Path | str, key: Path | str, ca: Path | str) -> T
     return TLSMaterial(certs[0], tuple(certs[1:]), key_pem, tuple(cas))
 
 
-def _x509(cert: x509.Certificate) -> crypto.X509:
+def to_pyopenssl(cert: x509.Certificate) -> crypto.X509:
+    """cryptography loads and checks our PEM files; Twisted's TLS wants pyOpenSSL objects."""
     return crypto.X509.from_cryptography(cert)
 
 
-def _trust_root(material: TLSMaterial) -> Any:
+def trust_root(material: TLSMaterial) -> Any:
+    """Our CAs only, never the system store: a sensor certificate from a public CA proves nothing here."""
     return ssl.trustRootFromCertificates(
-        [ssl.Certificate(_x509(ca)) for ca in material.cas]
+        [ssl.Certificate(to_pyopenssl(ca)) for ca in material.cas]
     )
 
 
-def _profile() -> dict[str, Any]:
+def tls_profile() -> dict[str, Any]:
+    """The TLS versions and suites of DESIGN.md section 4, shared by every listener and client (IAP and web)."""
     return {
         "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
         "acceptableCiphers": ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
@@ -126,12 +129,12 @@ def server_options(material: TLSMaterial) -> ssl.CertificateOptions:
     """
     return ssl.CertificateOptions(
         privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, material.key_pem),
-        certificate=_x509(material.certificate),
-        extraCertChain=[_x509(c) for c in material.chain] or None,
-        trustRoot=_trust_root(material),  # implies a required, verified client certificate
+        certificate=to_pyopenssl(material.certificate),
+        extraCertChain=[to_pyopenssl(c) for c in material.chain] or None,
+        trustRoot=trust_root(material),  # implies a required, verified client certificate
         enableSessions=True,
         enableSessionTickets=True,
-        **_profile(),
+        **tls_profile(),
     )
 
 
@@ -143,15 +146,15 @@ def client_options(material: TLSMaterial, manager_host: str) -> IOpenSSLClientCo
     manager is caught by service_identity during the handshake.
     """
     private = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-        ssl.Certificate(_x509(material.certificate)),
+        ssl.Certificate(to_pyopenssl(material.certificate)),
         ssl.KeyPair(crypto.load_privatekey(crypto.FILETYPE_PEM, material.key_pem)),
     )
-    extra = _profile()
+    extra = tls_profile()
     if material.chain:
-        extra["extraCertChain"] = [_x509(c) for c in material.chain]
+        extra["extraCertChain"] = [to_pyopenssl(c) for c in material.chain]
     return ssl.optionsForClientTLS(
         manager_host,
-        trustRoot=_trust_root(material),  # implies a required, verified client certificate
+        trustRoot=trust_root(material),  # implies a required, verified client certificate
         clientCertificate=private,
         extraCertificateOptions=extra,
     )

@@ -104,7 +104,7 @@ def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
     Parse C{web:} from C{top}, an C{iapd.config._Reader} of manager.yaml; None when
     there is no C{web.listen} (no web listener at all).
     """
-    from ..config import _endpoint_problem
+    from ..config import endpoint_problem
 
     web = top.sub("web", WEB_KEYS)
     listen = web.get("listen", None)
@@ -117,7 +117,7 @@ def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
         raise web.fail("listen", f"must be one server endpoint string, got {listen!r}")
     if listen.split(":", 1)[0].lower() == "ssl":
         raise web.fail("listen", f"{listen!r}: use a tcp: endpoint and set web.tls (certificate, key) for HTTPS")
-    problem = _endpoint_problem("server")(listen)
+    problem = endpoint_problem("server")(listen)
     if problem:
         raise web.fail("listen", f"{listen!r}: {problem}")
     loopback = listens_on_loopback(listen) is True

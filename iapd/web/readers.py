@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 import attr
 
 from .. import pgstore
-from ..store import _alert_dict as _sqlite_alert_dict
-from ..store import _reader as _sqlite_reader
+from ..store import alert_from_row as sqlite_alert_from_row
+from ..store import open_reader as sqlite_open_reader
 from ..store import read_sensors
 from .query import SEVERITIES, AlertQuery, SensorQuery, StatsQuery
 
@@ -56,7 +56,7 @@ POSTGRES = _Dialect(
     glob="sensor ~ %s",
     contains="position(lower(%s) in lower({field})) > 0",
     minute="to_char(date_trunc('minute', received AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:MI')",
-    time=pgstore._timestamp,
+    time=pgstore.parse_timestamp,
 )
 
 
@@ -124,18 +124,18 @@ class StoreReader:
 
     def _rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
         if self.store_path is not None:
-            db = _sqlite_reader(self.store_path)
+            db = sqlite_open_reader(self.store_path)
             try:
                 return db.execute(sql, args).fetchall()
             finally:
                 db.close()
         assert self.url is not None
-        return pgstore._query(self.url, sql, args)
+        return pgstore.run_query(self.url, sql, args)
 
     def _alert(self, row: Any, with_body: bool) -> dict[str, Any]:
         if self.store_path is not None:
-            return _sqlite_alert_dict(row, with_body)
-        return pgstore._alert_dict(row, with_body)
+            return sqlite_alert_from_row(row, with_body)
+        return pgstore.alert_from_row(row, with_body)
 
     def _select(self, with_body: bool = False) -> str:
         columns = ALERT_COLUMNS.format(length=self.dialect.length) + (", body" if with_body else "")

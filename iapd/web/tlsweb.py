@@ -11,7 +11,7 @@ from OpenSSL import crypto
 from twisted.internet import ssl
 
 from ..config import ConfigError
-from ..tls import TLSSetupError, _profile, _trust_root, _x509, load_material
+from ..tls import TLSSetupError, tls_profile, trust_root, to_pyopenssl, load_material
 from .config import WebConfig
 
 
@@ -28,10 +28,10 @@ def web_tls_options(web: WebConfig, where: str) -> Any:
         raise ConfigError(f"{where}: web.tls: {e}") from None
     options: dict[str, Any] = dict(
         privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, material.key_pem),
-        certificate=_x509(material.certificate),
-        extraCertChain=[_x509(c) for c in material.chain] or None,
-        **_profile(),
+        certificate=to_pyopenssl(material.certificate),
+        extraCertChain=[to_pyopenssl(c) for c in material.chain] or None,
+        **tls_profile(),
     )
     if web.client_certificates:
-        options["trustRoot"] = _trust_root(material)  # a verified client certificate is required
+        options["trustRoot"] = trust_root(material)  # a verified client certificate is required
     return ssl.CertificateOptions(**options)
