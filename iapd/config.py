@@ -95,6 +95,7 @@ class SensorConfig:
     inputs: tuple["InputConfig", ...] = ()
     content_type: str = IDEF_ALERT
     web_listen: str | None = None  # /metrics (spool depth, deliveries)
+    web: "WebConfig | None" = None  # the whole web: section (iapd.web.config)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -345,15 +346,14 @@ def load_sensor(path: Path) -> SensorConfig:
         inputs.append(InputConfig(kind, entry.path("path", base), ct, mode))
     if inputs and spool is None:
         raise top.fail("spool", "is required when inputs are configured: accepted alerts are kept there")
-    sensor_web = top.sub("web", ("listen",))
-    web_listen = sensor_web.get("listen", None)
-    if web_listen is not None:
-        sensor_web.strings("listen", None, endpoint_problem("server"))
+    from .web.config import load_web
+
+    web = load_web(top, base, tls.ca, own_tls=None, shows="its /metrics tell the sensor's spool and deliveries")
     return SensorConfig(
         path=path, identity=identity, manager=manager, connect=connect, listen=listen, tls=tls,
         window=window, setup_timeout=setup_timeout, ack_timeout=ack_timeout, spool=spool,
         spool_max_bytes=spool_max_bytes, heartbeat=float(heartbeat), inputs=tuple(inputs),
-        content_type=content_type, web_listen=web_listen,
+        content_type=content_type, web_listen=web.listen if web is not None else None, web=web,
     )
 
 

@@ -29,14 +29,14 @@ from .messages import IDEF_ALERT
 from .metrics import SensorMetrics
 from .reload import load_again, warn_restart_keys
 from .spool import Spool, SpoolFull
-from .web.site import make_site, metrics_root
+from .web.site import metrics_root, protected_site
 
 log = Logger(namespace="iapd.sensor")
 
 # What a SIGHUP cannot change: the wiring built at start.
 RESTART_KEYS = (
     "identity", "manager", "connect", "listen", "spool", "spool_max_bytes", "window", "inputs", "heartbeat",
-    "content_type", "web_listen",
+    "content_type", "web_listen", "web",
 )
 IDMEF_NS = "http://iana.org/idmef"
 
@@ -107,6 +107,11 @@ class SensorService(service.Service):
         self._inbound: _InboundFactory | None = None
         self._web: Any = None
         self.metrics = SensorMetrics(self.spool, self.forwarder)
+        # built now, so that web.tls files that cannot be used stop the start with a
+        # ConfigError instead of failing once the spool is open
+        self._web_factory = (
+            protected_site(metrics_root(self.metrics), config.web, config, reactor) if config.web is not None else None
+        )
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -128,10 +133,8 @@ class SensorService(service.Service):
             self._inbound = _InboundFactory(self.forwarder)
             listening = endpoints.serverFromString(self.reactor, self.config.listen).listen(self._inbound)
             starts.append(listening.addCallback(lambda port: setattr(self, "_listening", port)))
-        if self.config.web_listen:
-            web = endpoints.serverFromString(self.reactor, self.config.web_listen).listen(
-                make_site(metrics_root(self.metrics))
-            )
+        if self.config.web is not None:
+            web = endpoints.serverFromString(self.reactor, self.config.web.listen).listen(self._web_factory)
             starts.append(web.addCallback(lambda port: setattr(self, "_web", port)))
         if self.config.heartbeat:
             self._heartbeat = LoopingCall(self._beat)

@@ -41,7 +41,10 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     top = service.MultiService()
-    sensor = SensorService(options.sensor_config, options.material, reactor)
+    try:
+        sensor = SensorService(options.sensor_config, options.material, reactor)
+    except ConfigError as e:
+        configuration_error("iap-sensor", e)
     sensor.setServiceParent(top)
     ReloadOnHangup(reactor, sensor.reload, "sensor").setServiceParent(top)
     return top

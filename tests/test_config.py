@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from iapd.config import ConfigError, load_manager, load_proxy, load_sensor
+from iapd.web.password import hash_password
 
 from .certs import make_test_pki
 
@@ -151,6 +152,16 @@ BAD_SENSOR = [
     ("window: 64", "window: 64\nweb: {listen: 'nope:1'}", "web.listen: 'nope:1': not a Twisted server endpoint"),
     ("window: 64", "window: 64\nweb: {port: 8080}", "web.port: unknown key"),
     ("window: 64", "window: 64\nweb: 8080", "web must be a mapping"),
+    # the sensor's /metrics listener follows the dashboard's rules (iapd.web.config)
+    ("window: 64", "window: 64\nweb: {listen: 'tcp:9603'}",
+     "web.listen: 'tcp:9603' is reachable beyond loopback, and its /metrics tell the sensor's spool and deliveries:"
+     " set web.tls and web.auth"),
+    ("window: 64", "window: 64\nweb: {listen: 'tcp:9603:interface=127.0.0.1', tls: manager}",
+     "web.tls: must be {certificate: ..., key: ...}, got 'manager'"),
+    ("window: 64", "window: 64\nweb: {listen: 'tcp:9603:interface=127.0.0.1', auth: {client_certificates: [ops.test]}}",
+     "web.auth.client_certificates: needs web.tls"),
+    ("window: 64", "window: 64\nweb: {listen: 'tcp:9603', tls: {certificate: PKI/sensor1.test.crt, key: PKI/sensor1.test.key}}",
+     "web.listen: 'tcp:9603' is reachable beyond loopback"),
 ]
 
 
@@ -251,3 +262,21 @@ def test_bad_proxy_stops_twistd_with_one_line(tmp_path: Path, pki_dir: Path, old
     error = _start_error(proxy_tap.Options(), path)
     assert error.startswith(f"twistd iap-proxy: configuration error: {path}: ")
     assert message in error and "\n" not in error
+
+
+def test_sensor_web_tls_files_that_cannot_be_used_stop_twistd_with_one_line(tmp_path: Path, pki_dir: Path) -> None:
+    from iapd import sensor_tap
+
+    web = (
+        "web: {listen: 'tcp:9603:interface=127.0.0.1',"
+        " tls: {certificate: PKI/sensor1.test.crt, key: PKI/no-such.key}, auth: {password_hash: '%s'}}\n"
+        % hash_password("pw", log_n=4)
+    )
+    path = write(tmp_path, pki_dir, GOOD_SENSOR + "spool: spool\n" + web)
+    options = sensor_tap.Options()
+    options.parseOptions(["-c", str(path)])
+    with pytest.raises(SystemExit) as info:
+        sensor_tap.makeService(options)
+    error = str(info.value.code)
+    assert error.startswith(f"twistd iap-sensor: configuration error: {path}: web.tls: ")
+    assert "no-such.key" in error and "\n" not in error

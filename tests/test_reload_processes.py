@@ -5,12 +5,18 @@ TLS, the manager's real SQLite store.
 
 from __future__ import annotations
 
+import base64
+import select
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from iapd.store import StoreError, read_alerts
+from iapd.web.password import hash_password
+from iapd.web.site import MAX_CONNECTIONS_PER_ADDRESS
 
 from . import test_proxy_processes as proxy_processes
 from .certs import TestPKI
@@ -88,6 +94,63 @@ def test_sensor_metrics_follow_the_spool_and_sighup_swaps_its_certificate(
     drop_alerts(drops, "after-refused", 3)
     wait_until(lambda: len(sensors_of(db)) == 33, 60, "33 alerts stored")
     assert scrape(web)['iap_config_reloads_total{result="failed"}'] == 1
+
+
+def http_status(port: int, path: str = "/metrics", headers: dict[str, str] | None = None) -> int:
+    """The status of a GET on 127.0.0.1:C{port} (errors included), and nothing else."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_sensor_metrics_listener_is_guarded_like_the_dashboard(pki: TestPKI, procs: Processes, tmp_path: Path) -> None:
+    """
+    The sensor's /metrics listener sits on a perimeter host: it gets the dashboard's
+    password check, its Host check against DNS rebinding, and its connection limit.
+    """
+    locked, open_ = free_port(), free_port()
+    password = hash_password("s3cret", log_n=4)
+    configs = []
+    for name, web in (
+        ("locked", f'web: {{listen: "tcp:{locked}:interface=127.0.0.1", auth: {{user: prom, password_hash: "{password}"}}}}'),
+        ("open", f'web: {{listen: "tcp:{open_}:interface=127.0.0.1"}}'),
+    ):
+        config = daemon_sensor_yaml(tmp_path / name, pki, free_port(), [])
+        config.write_text(config.read_text() + web + "\n")
+        configs.append(config)
+        start_sensor(procs, config)
+
+    basic = "Basic " + base64.b64encode(b"prom:s3cret").decode()
+    wrong = "Basic " + base64.b64encode(b"prom:guess").decode()
+    assert http_status(locked) == 401
+    assert http_status(locked, headers={"Authorization": wrong}) == 401
+    assert http_status(locked, headers={"Authorization": basic}) == 200
+
+    assert scrape(open_)["iap_spool_alerts"] == 0
+    assert http_status(open_, headers={"Host": "rebound.attacker.example"}) == 421
+    assert http_status(open_, "/alerts") == 404  # a sensor serves /metrics and nothing else
+
+    # more connections than one address may hold: the listener closes the rest at once
+    held = [socket.create_connection(("127.0.0.1", open_), timeout=10) for _ in range(MAX_CONNECTIONS_PER_ADDRESS + 8)]
+    try:
+        closed: set[socket.socket] = set()
+        deadline = time.monotonic() + 10
+        while len(closed) < 8 and time.monotonic() < deadline:
+            readable, _, _ = select.select([c for c in held if c not in closed], [], [], 1)
+            for c in readable:
+                try:
+                    if c.recv(1) == b"":
+                        closed.add(c)
+                except ConnectionError:
+                    closed.add(c)
+        assert len(closed) == 8, f"{len(closed)} of {len(held)} connections closed by the sensor"
+    finally:
+        for c in held:
+            c.close()
+    assert http_status(open_) == 200
 
 
 def connect_through(port: int) -> bytes:

@@ -1,5 +1,6 @@
 """
-The C{web:} section of manager.yaml: where the dashboard listens and who may read it.
+The C{web:} section of manager.yaml (and of sensor.yaml, whose listener serves only
+C{/metrics}): where the dashboard listens and who may read it.
 
 ::
 
@@ -99,10 +100,19 @@ def listens_on_loopback(text: str) -> bool | None:
     return None
 
 
-def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
+def load_web(
+    top: Any, base: Path, manager_ca: Path, *, own_tls: str | None = "manager",
+    shows: str = "the dashboard shows every stored alert",
+) -> WebConfig | None:
     """
-    Parse C{web:} from C{top}, an C{iapd.config._Reader} of manager.yaml; None when
-    there is no C{web.listen} (no web listener at all).
+    Parse C{web:} from C{top}, an C{iapd.config._Reader} of manager.yaml or
+    sensor.yaml; None when there is no C{web.listen} (no web listener at all).
+
+    The sensor's C{web:} (only C{/metrics}) follows the same rules as the manager's: a
+    listener reachable from the network is one more way into a perimeter host.
+    C{own_tls} is the word that stands for the daemon's own IAP key pair in C{web.tls}
+    (None: no such word; a sensor certificate is a client certificate, not a web
+    server's), C{shows} says in refusals what the listener would expose.
     """
     from ..config import endpoint_problem
 
@@ -125,7 +135,7 @@ def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
     tls: WebTLS | None = None
     raw_tls = web.get("tls", None)
     if raw_tls is not None:
-        if raw_tls == "manager":
+        if own_tls is not None and raw_tls == own_tls:
             manager_tls = top.sub("tls", ("certificate", "key", "ca"), required=True)
             tls = WebTLS(manager_tls.path("certificate", base), manager_tls.path("key", base), manager_ca)
         elif isinstance(raw_tls, dict):
@@ -133,7 +143,8 @@ def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
             ca = t.path("ca", base) if t.get("ca", None) is not None else manager_ca
             tls = WebTLS(t.path("certificate", base), t.path("key", base), ca)
         else:
-            raise web.fail("tls", f"must be {{certificate: ..., key: ...}} or the word manager, got {raw_tls!r}")
+            word = f" or the word {own_tls}" if own_tls is not None else ""
+            raise web.fail("tls", f"must be {{certificate: ..., key: ...}}{word}, got {raw_tls!r}")
 
     auth = web.sub("auth", AUTH_KEYS)
     patterns = auth.strings("client_certificates", [])
@@ -160,7 +171,7 @@ def load_web(top: Any, base: Path, manager_ca: Path) -> WebConfig | None:
     if not loopback and (tls is None or not (patterns or password_hash)):
         raise web.fail(
             "listen",
-            f"{listen!r} is reachable beyond loopback, and the dashboard shows every stored alert: set web.tls and"
+            f"{listen!r} is reachable beyond loopback, and {shows}: set web.tls and"
             " web.auth (client_certificates or password_hash), or bind to loopback (interface=127.0.0.1)",
         )
     hosts = web.strings("hosts", [])

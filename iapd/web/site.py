@@ -213,8 +213,17 @@ def manager_site(metrics: Any, store: Any, config: Any, reactor: Any) -> Any:
     C{web.tls} is set.  Raises L{iapd.config.ConfigError} naming C{web.tls} when its
     files cannot be used.
     """
-    web = getattr(config, "web", None)
-    resource: Resource = manager_root(metrics, store, config, reactor)
+    return protected_site(manager_root(metrics, store, config, reactor), getattr(config, "web", None), config, reactor)
+
+
+def protected_site(resource: Resource, web: Any, config: Any, reactor: Any) -> Any:
+    """
+    C{resource} as every iapd web listener serves it (the manager's dashboard, the
+    sensor's C{/metrics}): behind L{iapd.web.auth.AuthGate} when C{web.auth} is set,
+    else behind the Host check; inside TLS when C{web.tls} is set; with bounded
+    connections.  Raises L{iapd.config.ConfigError} naming C{web.tls} when its files
+    cannot be used.
+    """
     if web is not None and web.authenticated:
         from .auth import AuthGate
 
