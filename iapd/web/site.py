@@ -123,7 +123,7 @@ class Root(Resource):
 
 
 def metrics_root(metrics: Any) -> Resource:
-    """The root of a daemon that serves only C{/metrics} (a sensor, a proxy)."""
+    """The root of a daemon that serves only C{/metrics}: the sensor."""
     root = Root()
     root.putChild(b"metrics", MetricsResource(metrics))
     return root
