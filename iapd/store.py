@@ -28,7 +28,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import attr
 from twisted.internet.defer import Deferred
@@ -178,7 +178,10 @@ class SQLiteBackend:
             # commit's time.  With a larger WAL a leaf written by many commits is copied
             # once; the file is cut back to the same size after each checkpoint.
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
-            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            # A WAL frame is a page and a 24-octet header: a limit of WAL_PAGES whole
+            # frames keeps a full WAL's file as it is instead of truncating and
+            # growing it again each cycle.
+            db.execute(f"PRAGMA journal_size_limit={32 + WAL_PAGES * (4096 + 24)}")
             db.executescript(SCHEMA)
             _migrate(db)
         except (sqlite3.Error, OSError) as e:
@@ -468,18 +471,19 @@ class GroupCommitStore:
             # the store's thread commits while the reactor answers (and the alerts that
             # arrived meanwhile are already waiting); when closing, answers go first so
             # that every one is written before the close completes.
-            early = self._closing is None
-            try:
-                note(results, time.monotonic() - started)
-            finally:
-                if early:
-                    next_batch()
-                try:
-                    for (_, group, i), new in zip(batch, results):
-                        group.settle(i, new)
-                finally:
-                    if not early:
-                        next_batch()
+            seconds = time.monotonic() - started
+
+            def noted() -> None:
+                note(results, seconds)
+
+            def answer() -> None:
+                for (_, group, i), new in zip(batch, results):
+                    group.settle(i, new)
+
+            if self._closing is None:
+                self._each(noted, next_batch, answer)
+            else:
+                self._each(noted, answer, next_batch)
 
         def note(results: list[bool], seconds: float) -> None:
             self.commits += 1
@@ -502,15 +506,28 @@ class GroupCommitStore:
                 count=len(batch), kind=failure.type.__name__, why=failure.getErrorMessage(),
             )
             error = StoreError(f"commit failed: {failure.getErrorMessage()}")
-            for _, group, i in batch:
-                group.settle(i, error)
-            next_batch()
+
+            def answer() -> None:
+                for _, group, i in batch:
+                    group.settle(i, error)
+
+            self._each(answer, next_batch)
 
         def next_batch() -> None:
             self._committing = False
             self._kick()
 
         d.addCallbacks(committed, failed)
+
+    def _each(self, *steps: Callable[[], None]) -> None:
+        """Run every step even if one fails: a bug in one must neither leave a batch
+        unanswered (its sensors would wait for an ack that never comes) nor stop the
+        next commit."""
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                self.log.failure("store step {step} failed", step=step.__name__)
 
     def _commit(self, records: list[AlertRecord], seen: Seen) -> list[bool]:
         from .idmef import summarize
@@ -535,15 +552,22 @@ class GroupCommitStore:
         """Fires once every alert committed so far has its summary written.
 
         For readers that filter on summary fields (the dashboard's severity and
-        classification filters): asking moves the summary pass ahead of the next commit.
+        classification filters): asking moves a summary pass ahead of the next commit.
+        Under a steady stream of alerts, passes and commits alternate until the
+        summaries catch up, so that a reader never holds back acknowledgements; a
+        reader that stops waiting cancels the Deferred, and its question is withdrawn.
         """
-        d: Deferred[None] = Deferred()
+        d: Deferred[None] = Deferred(canceller=self._withdraw)
         if not self._defer_summaries or not self._summaries_pending or self._closing is not None:
             d.callback(None)
             return d
         self._summary_waiters.append(d)
         self._kick()
         return d
+
+    def _withdraw(self, d: Deferred[None]) -> None:
+        if d in self._summary_waiters:
+            self._summary_waiters.remove(d)
 
     def _summaries_caught_up(self) -> None:
         waiters, self._summary_waiters = self._summary_waiters, []
@@ -554,7 +578,7 @@ class GroupCommitStore:
         if not self._summaries_pending or self._closing is not None:
             return False
         if self._summary_waiters:
-            return True
+            return not self._queued or self._commits_since_summaries >= 1
         if not self._summaries_overdue and self._unsummarised < self.SUMMARY_BATCH:
             return False
         return not self._queued or self._commits_since_summaries >= self.SUMMARY_EVERY

@@ -162,6 +162,31 @@ class StoreTests(unittest.TestCase):
         self.flushLoggedErrors(RuntimeError)
 
     @inlineCallbacks
+    def test_a_failing_step_after_a_commit_still_answers_the_batch(self) -> Any:
+        """A bug in starting the next commit must not leave the committed batch's
+        sensors waiting for an ack that never comes; the next alert starts over."""
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        take = store._take_batch
+        calls = []
+
+        def flaky() -> Any:
+            calls.append(1)
+            if len(calls) == 2:  # the one that follows the first commit
+                raise RuntimeError("bug in the next batch")
+            return take()
+
+        store._take_batch = flaky  # type: ignore[method-assign]
+        first = store.add(record(b"first"))
+        second = store.add(record(b"second"))  # queued while "first" commits
+        self.assertEqual((yield first), True)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        third = store.add(record(b"third"))
+        self.assertEqual(((yield second), (yield third)), (True, True))
+        yield store.close()
+        self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True)], [b"first", b"second", b"third"])
+
+    @inlineCallbacks
     def test_wal_is_cut_back_after_checkpoints(self) -> Any:
         """
         The WAL may grow to WAL_PAGES between checkpoints (a larger WAL makes commits
@@ -254,6 +279,53 @@ class DeferredSummaryTests(unittest.TestCase):
         yield store.summarised()
         self.assertNotIn(None, raw_summaries(self.path))
         yield store.summarised()  # nothing pending: at once
+        yield store.close()
+
+    @inlineCallbacks
+    def test_a_reader_waiting_for_summaries_does_not_hold_back_acks(self) -> Any:
+        """
+        A dashboard filter waits for the summaries; an alert that arrives meanwhile is
+        committed after one summary pass, not after all of them.
+        """
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        store.SUMMARY_DELAY = 3600  # no pass before the question
+        yield store.open()
+        yield DeferredList([store.add(record(IDMEF_ALERT % (i, i))) for i in range(20)])
+        self.assertEqual(raw_summaries(self.path).count(None), 20)
+        store.SUMMARY_BATCH = 2
+        waiting = store.summarised()
+        unsummarised_at_ack = []
+        late = store.add(record(b"late"))
+        late.addCallback(lambda new: unsummarised_at_ack.append(raw_summaries(self.path)[:20].count(None)) or new)
+        self.assertTrue((yield late))
+        # one pass of SUMMARY_BATCH, then the commit (and the next pass may be under
+        # way as the answer is written: the next step starts before the answers)
+        [left] = unsummarised_at_ack
+        self.assertGreaterEqual(left, 20 - 2 * store.SUMMARY_BATCH)
+        yield waiting  # with nothing queued, the passes catch up
+        self.assertNotIn(None, raw_summaries(self.path))
+
+    @inlineCallbacks
+    def test_a_reader_that_stops_waiting_withdraws_its_question(self) -> Any:
+        """The dashboard waits for summaries at most a few seconds; past that, the
+        store must not go on favouring summary passes for a reader that has gone."""
+        import threading
+
+        from iapd.web.api import summaries_then
+
+        store = SQLiteStore(self.path, reactor)
+        store.SUMMARY_DELAY = 3600
+        yield store.open()
+        yield store.add(record(IDMEF_ALERT % (1, 1)))
+        release = threading.Event()
+        busy = store._in_thread(release.wait, 30)  # the store's thread cannot summarise
+        try:
+            yield summaries_then(reactor, store, timeout=0.05)
+            self.assertEqual(store._summary_waiters, [])
+        finally:
+            release.set()
+        yield busy
         yield store.close()
 
     @inlineCallbacks

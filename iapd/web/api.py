@@ -82,8 +82,13 @@ def summaries_then(reactor: Any, store: Any, timeout: float = SUMMARY_WAIT) -> D
         if not done.called:
             done.callback(None)
 
-    timer = reactor.callLater(timeout, fire)
-    summarised().addBoth(fire)
+    def give_up() -> None:
+        waiting.cancel()  # the store forgets the question; fire() runs from its errback
+        fire()
+
+    timer = reactor.callLater(timeout, give_up)
+    waiting = summarised()
+    waiting.addBoth(fire)
     return done
 
 
