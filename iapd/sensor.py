@@ -36,7 +36,7 @@ log = Logger(namespace="iapd.sensor")
 # What a SIGHUP cannot change: the wiring built at start.
 RESTART_KEYS = (
     "identity", "manager", "connect", "listen", "spool", "spool_max_bytes", "window", "inputs", "heartbeat",
-    "content_type", "web_listen", "web",
+    "content_type", "web",
 )
 IDMEF_NS = "http://iana.org/idmef"
 

@@ -280,3 +280,13 @@ def test_sensor_web_tls_files_that_cannot_be_used_stop_twistd_with_one_line(tmp_
     error = str(info.value.code)
     assert error.startswith(f"twistd iap-sensor: configuration error: {path}: web.tls: ")
     assert "no-such.key" in error and "\n" not in error
+
+
+def test_sensor_reload_names_a_changed_web_listener_once(tmp_path: Path, pki_dir: Path) -> None:
+    """A SIGHUP cannot move the metrics listener; the warning names C{web}, once."""
+    from iapd.reload import changed_keys
+    from iapd.sensor import RESTART_KEYS
+
+    before = load_sensor(write(tmp_path, pki_dir, GOOD_SENSOR + "web: {listen: 'tcp:9603:interface=127.0.0.1'}\n"))
+    after = load_sensor(write(tmp_path, pki_dir, GOOD_SENSOR + "web: {listen: 'tcp:9604:interface=127.0.0.1'}\n"))
+    assert changed_keys(before, after, RESTART_KEYS) == ["web"]
