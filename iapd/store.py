@@ -466,6 +466,10 @@ class GroupCommitStore:
         started = time.monotonic()
         d = self._in_thread(self._commit, [r for r, _, _ in batch], seen)
 
+        def answer(outcomes: Sequence[bool | StoreError]) -> None:
+            for (_, group, i), outcome in zip(batch, outcomes):
+                group.settle(i, outcome)
+
         def committed(results: list[bool]) -> None:
             # The next commit starts before this batch's answers are written, so that
             # the store's thread commits while the reactor answers (and the alerts that
@@ -473,32 +477,25 @@ class GroupCommitStore:
             # that every one is written before the close completes.
             seconds = time.monotonic() - started
 
-            def noted() -> None:
-                note(results, seconds)
-
-            def answer() -> None:
-                for (_, group, i), new in zip(batch, results):
-                    group.settle(i, new)
+            def note() -> None:
+                self.commits += 1
+                self._commits_since_summaries += 1
+                if self._defer_summaries and batch:
+                    self._summaries_pending = True
+                    self._unsummarised += len(batch)
+                    if self._summary_timer is None and self._closing is None:
+                        self._summary_timer = self._reactor.callLater(self.SUMMARY_DELAY, self._summary_time)
+                self.committed += sum(results)
+                for observe in self.commit_observers:
+                    try:
+                        observe(len(batch), seconds)
+                    except Exception:
+                        self.log.failure("commit observer {observer!r} failed", observer=observe)
 
             if self._closing is None:
-                self._each(noted, next_batch, answer)
+                self._each(note, next_batch, lambda: answer(results))
             else:
-                self._each(noted, answer, next_batch)
-
-        def note(results: list[bool], seconds: float) -> None:
-            self.commits += 1
-            self._commits_since_summaries += 1
-            if self._defer_summaries and batch:
-                self._summaries_pending = True
-                self._unsummarised += len(batch)
-                if self._summary_timer is None and self._closing is None:
-                    self._summary_timer = self._reactor.callLater(self.SUMMARY_DELAY, self._summary_time)
-            self.committed += sum(results)
-            for observe in self.commit_observers:
-                try:
-                    observe(len(batch), seconds)
-                except Exception:
-                    self.log.failure("commit observer {observer!r} failed", observer=observe)
+                self._each(note, lambda: answer(results), next_batch)
 
         def failed(failure: Any) -> None:
             self.log.error(
@@ -506,12 +503,7 @@ class GroupCommitStore:
                 count=len(batch), kind=failure.type.__name__, why=failure.getErrorMessage(),
             )
             error = StoreError(f"commit failed: {failure.getErrorMessage()}")
-
-            def answer() -> None:
-                for _, group, i in batch:
-                    group.settle(i, error)
-
-            self._each(answer, next_batch)
+            self._each(lambda: answer([error] * len(batch)), next_batch)
 
         def next_batch() -> None:
             self._committing = False
@@ -527,7 +519,7 @@ class GroupCommitStore:
             try:
                 step()
             except Exception:
-                self.log.failure("store step {step} failed", step=step.__name__)
+                self.log.failure("store step {step!r} failed", step=step)
 
     def _commit(self, records: list[AlertRecord], seen: Seen) -> list[bool]:
         from .idmef import summarize
