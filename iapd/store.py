@@ -10,8 +10,9 @@ simple.  The queueing (L{GroupCommitStore}) is the same for every database; a ba
 only knows how to commit one batch.
 
 Exactly-once in the store: a retransmission (same sensor identity, same SHA-256 of the
-body) hits a UNIQUE constraint, is ignored, and is reported as a duplicate so that the
-sensor still gets its 200.
+body) is found before the insert (SQLite: in the digest index beside the file,
+L{iapd.digests}; PostgreSQL: by its UNIQUE constraint), is not stored again, and is
+reported as a duplicate so that the sensor still gets its 200.
 
 Fairness: each sensor has its own queue and a batch takes alerts from them in turn, so a
 sensor that floods cannot push another sensor's alerts back by more than one turn per
@@ -31,11 +32,14 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import attr
+import plyvel
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from .digests import DigestIndex, DigestIndexError, digest_key, why
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -47,8 +51,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     via TEXT NOT NULL,
     peer TEXT,
     body BLOB NOT NULL,
-    idmef TEXT,
-    UNIQUE (sensor, sha256)
+    idmef TEXT
 );
 CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received);
 CREATE INDEX IF NOT EXISTS alerts_unsummarised ON alerts (id) WHERE idmef IS NULL;
@@ -61,7 +64,13 @@ CREATE TABLE IF NOT EXISTS sensors (
     last_heartbeat TEXT,
     heartbeat_interval REAL
 );
+CREATE TABLE IF NOT EXISTS iapd_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+"""The alerts table has no UNIQUE (sensor, sha256): the digest index (L{iapd.digests})
+does that job.  Stores made by earlier versions keep theirs, which is harmless."""
 
 
 class StoreError(Exception):
@@ -154,11 +163,12 @@ WAL_PAGES = 16384
 
 
 class SQLiteBackend:
-    """An SQLite file in WAL mode with synchronous=FULL."""
+    """An SQLite file in WAL mode with synchronous=FULL, and its digest index beside it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self.digests = DigestIndex(path.with_name(path.name + "-digests"))
 
     def __str__(self) -> str:
         return str(self.path)
@@ -167,16 +177,19 @@ class SQLiteBackend:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a
             # 200 is a promise that the alert survives.
             db.execute("PRAGMA synchronous=FULL")
-            # Each alert dirties a random leaf of the (sensor, sha256) index, so a batch
-            # of 1,024 alerts writes some 4 MiB of pages to the WAL.  At SQLite's
-            # default (a checkpoint once the WAL passes 1,000 pages) every commit also
-            # copied its pages into the database and fsync'd it: two thirds of the
-            # commit's time.  With a larger WAL a leaf written by many commits is copied
-            # once; the file is cut back to the same size after each checkpoint.
+            # A batch of 4,096 1 KiB alerts fills some 1,100 pages (and in a store made
+            # by an earlier version, whose UNIQUE (sensor, sha256) index puts each alert
+            # on a random leaf, some 4,000).  At SQLite's default (a checkpoint once the
+            # WAL passes 1,000 pages) every commit also copied its pages into the
+            # database and fsync'd it.  With a larger WAL a page written by many commits
+            # is copied once; the file is cut back to the same size after each checkpoint.
             db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             # A WAL frame is a page and a 24-octet header: a limit of WAL_PAGES whole
             # frames keeps a full WAL's file as it is instead of truncating and
@@ -184,17 +197,32 @@ class SQLiteBackend:
             db.execute(f"PRAGMA journal_size_limit={32 + WAL_PAGES * (4096 + 24)}")
             db.executescript(SCHEMA)
             _migrate(db)
-        except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"cannot open SQLite store {self.path}: {e}") from None
+            self.digests.open(db)
+        except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error) as e:
+            db.close()
+            raise StoreError(f"cannot open SQLite store {self.path}: {why(e)}") from None
         self._db = db
 
     def commit(self, rows: Sequence[Row], seen: Seen) -> list[bool]:
+        """
+        Find retransmissions in the digest index, insert the rest, commit, then add
+        their digests to the index.  Of two equal alerts in one batch the first is new.
+        """
         db = self._db
         if db is None:
             raise StoreError(f"the store {self.path} is not open")
+        keys = [digest_key(row.record.sensor, row.record.sha256) for row in rows]
+        try:
+            stored = self.digests.stored_ids(db, keys)
+        except (DigestIndexError, plyvel.Error, RuntimeError) as e:
+            raise StoreError(f"cannot read the digest index {self.digests.path}: {why(e)}") from None
+        fresh: dict[bytes, Row] = {}
+        for row, key, old in zip(rows, keys, stored):
+            if old is None and key not in fresh:
+                fresh[key] = row
         db.execute("BEGIN IMMEDIATE")
         try:
-            results = self._insert(db, rows)
+            ids = self._insert(db, list(fresh.values()))
             for identity, (when, peer, via) in seen.items():
                 db.execute(
                     "INSERT INTO sensors (identity, first_seen, last_seen, last_peer, last_via) VALUES (?, ?, ?, ?, ?)"
@@ -217,21 +245,26 @@ class SQLiteBackend:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return results
+        added = {key: i for key, i in zip(fresh, ids) if i is not None}
+        if added:
+            self.digests.committed(list(added.items()), max(added.values()))
+        # new: the first of its key in the batch, and inserted (a store made by an
+        # earlier version also has its UNIQUE constraint, which should never fire)
+        return [fresh.pop(key, None) is row and key in added for row, key in zip(rows, keys)]
 
     INSERT_CHUNK = 1024
     """Rows per INSERT statement: sqlite3 lets other threads run during each statement
     and must win the GIL back after it, so one statement per row makes the store thread
     queue for the GIL behind the reactor a thousand times per commit."""
 
-    def _insert(self, db: sqlite3.Connection, rows: Sequence[Row]) -> list[bool]:
+    def _insert(self, db: sqlite3.Connection, rows: Sequence[Row]) -> list[int | None]:
         """
-        Insert C{rows}, several per statement; True for each row that was new.
+        Insert C{rows}, several per statement; the id of each, or None for a row that
+        a store made by an earlier version ignored as a duplicate.
 
-        Which rows were new: ids are given out in statement order above the largest id
-        before the insert (this transaction holds the write lock), so the rows with
-        higher ids are the new ones; within the batch the first of two equal alerts is
-        the one stored.  When every row is new, as almost always, no query is needed.
+        Ids are given out in statement order above the largest id before the insert
+        (this transaction holds the write lock); when every row is new, as always
+        unless that old constraint fired, no query is needed.
         """
         if not rows:
             return []
@@ -252,14 +285,10 @@ class SQLiteBackend:
             )
             inserted += cursor.rowcount
         if inserted == len(rows):
-            return [True] * len(rows)
-        new = set(db.execute("SELECT sensor, sha256 FROM alerts WHERE id > ?", (before,)).fetchall())
-        results = []
-        for row in rows:
-            key = (row.record.sensor, row.record.sha256)
-            results.append(key in new)
-            new.discard(key)
-        return results
+            return list(range(before + 1, before + 1 + len(rows)))
+        new = {(sensor, sha256): i for i, sensor, sha256 in
+               db.execute("SELECT id, sensor, sha256 FROM alerts WHERE id > ?", (before,))}
+        return [new.pop((row.record.sensor, row.record.sha256), None) for row in rows]
 
     # Summaries written after the alerts' commit.  SQL NULL in C{idmef} means "not
     # summarised yet"; a body that has no summary holds the JSON text C{null}.
@@ -290,6 +319,7 @@ class SQLiteBackend:
             db.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
+        self.digests.close()
         if self._db is not None:
             self._db.close()
             self._db = None

@@ -1,0 +1,282 @@
+"""
+The SQLite store's digest index (iapd.digests): exactly-once must hold whatever state
+the index is left in.  The SQLite file is the record; the index may be behind (a crash
+between the commit and the index write), ahead (the file restored from an older copy),
+built from another file, damaged or missing, and in every case a retransmission is
+still not stored twice and no new alert is taken for a retransmission.
+
+Real SQLite files and real LevelDB directories throughout; the crash test kills a real
+process with SIGKILL while it commits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import plyvel
+import pytest
+from twisted.logger import globalLogPublisher
+
+from iapd.digests import digest_key
+from iapd.store import SCHEMA, AlertRecord, Row, SQLiteBackend, StoreError
+
+SENSORS = ("a.test", "b.test")
+
+
+def rows(start: int, count: int) -> list[Row]:
+    """C{count} distinct alerts, numbered from C{start}, from two sensors."""
+    return [
+        Row(AlertRecord(sensor=SENSORS[i % 2], content_type="application/idmef+xml", body=b"alert %d" % i,
+                        received="2026-11-23T10:00:00.000000+00:00"), None, pending=True)
+        for i in range(start, start + count)
+    ]
+
+
+def stored(path: Path) -> tuple[int, int]:
+    """Rows in the file, and distinct (sensor, digest) pairs among them."""
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*), count(DISTINCT sensor || ' ' || sha256) FROM alerts").fetchone()
+
+
+def commit(path: Path, batch: list[Row]) -> list[bool]:
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        return backend.commit(batch, {})
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "alerts.db"
+
+
+@pytest.fixture
+def logged() -> Any:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def text(events: list[dict[str, Any]]) -> str:
+    from twisted.logger import formatEvent
+
+    return "\n".join(formatEvent(e) for e in events)
+
+
+def test_the_index_lives_beside_the_file_and_answers_across_restarts(path: Path) -> None:
+    assert commit(path, rows(0, 100)) == [True] * 100
+    assert (path.parent / "alerts.db-digests").is_dir()
+    assert commit(path, rows(50, 100)) == [False] * 50 + [True] * 50
+    assert stored(path) == (150, 150)
+
+
+def test_equal_alerts_in_one_batch_are_stored_once(path: Path) -> None:
+    batch = rows(0, 3) + rows(1, 1) + rows(0, 1)
+    assert commit(path, batch) == [True, True, True, False, False]
+    assert stored(path) == (3, 3)
+
+
+def test_alerts_committed_past_the_watermark_are_caught_up(path: Path, logged: Any) -> None:
+    """What a crash between the commit and the index write leaves: rows the index lacks."""
+    commit(path, rows(0, 10))
+    backend = SQLiteBackend(path)
+    backend.open()
+    db = backend._db
+    assert db is not None
+    # the second batch's commit, without the index write that would have followed it
+    db.execute("BEGIN IMMEDIATE")
+    backend._insert(db, rows(10, 10))
+    db.execute("COMMIT")
+    backend._db = None
+    backend.digests.close()
+    db.close()
+    assert commit(path, rows(0, 25)) == [False] * 20 + [True] * 5
+    assert stored(path) == (25, 25)
+    assert "adding 10 alerts committed before the last stop to the digest index" in text(logged)
+
+
+def test_a_failed_index_write_is_caught_up_before_the_next_lookup(path: Path, logged: Any) -> None:
+    """The alerts are committed when the index write fails: that is logged, not raised
+    (they must be answered 200), and the next lookup adds them from the file."""
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        db, index = backend._db, backend.digests
+        assert db is not None and index._db is not None
+        db.execute("BEGIN IMMEDIATE")
+        ids = backend._insert(db, rows(0, 10))
+        db.execute("COMMIT")
+        index._db.close()  # every use of it fails from now on
+        index.committed([(digest_key(r.record.sensor, r.record.sha256), i) for r, i in zip(rows(0, 10), ids)], 10)
+        assert "writing the digest index" in text(logged) and "it will be caught up from the store" in text(logged)
+        with pytest.raises(StoreError, match="cannot read the digest index .*alerts.db-digests: Database is closed"):
+            backend.commit(rows(10, 1), {})  # nothing committed: answered 503
+        index._db = index._open_leveldb()
+        assert backend.commit(rows(5, 10), {}) == [False] * 5 + [True] * 5
+    finally:
+        backend.close()
+    assert stored(path) == (15, 15)
+
+
+def test_an_index_ahead_of_its_file_is_rebuilt_and_loses_nothing(path: Path, tmp_path: Path, logged: Any) -> None:
+    """The file restored from an older copy: the index knows alerts the file no longer has."""
+    commit(path, rows(0, 10))
+    shutil.copy(path, tmp_path / "backup.db")
+    commit(path, rows(10, 10))
+    shutil.copy(tmp_path / "backup.db", path)
+    # a retransmission of an alert the restored file lacks must be stored, not dropped
+    assert commit(path, rows(5, 15)) == [False] * 5 + [True] * 10
+    assert stored(path) == (20, 20)
+    assert "the index covers alerts up to id 20 but the store ends at 10" in text(logged)
+
+
+def test_an_index_built_from_another_file_is_rebuilt(path: Path, tmp_path: Path, logged: Any) -> None:
+    other = tmp_path / "other" / "alerts.db"
+    commit(other, rows(100, 30))
+    commit(path, rows(0, 10))
+    shutil.copy(other, path)  # another store's file, with more alerts than the index covers
+    assert commit(path, rows(100, 30) + rows(0, 1)) == [False] * 30 + [True]
+    assert stored(path) == (31, 31)
+    assert "the index was built from another store file" in text(logged)
+
+
+def test_a_damaged_entry_cannot_make_a_new_alert_a_retransmission(path: Path) -> None:
+    """An index entry naming a row that holds another alert: the row decides."""
+    commit(path, rows(0, 3))
+    ldb = plyvel.DB(str(path.parent / "alerts.db-digests"))
+    new = rows(7, 1)[0].record
+    ldb.put(digest_key(new.sensor, new.sha256), (1).to_bytes(8, "big"))
+    ldb.close()
+    assert commit(path, rows(7, 1)) == [True]
+    assert stored(path) == (4, 4)
+
+
+@pytest.mark.parametrize("damage", ["CURRENT", "MANIFEST", "log"])
+def test_a_damaged_index_is_rebuilt(path: Path, logged: Any, damage: str) -> None:
+    commit(path, rows(0, 50))
+    index = path.parent / "alerts.db-digests"
+    name = {"CURRENT": "CURRENT", "MANIFEST": "MANIFEST-*", "log": "*.log"}[damage]
+    for victim in index.glob(name):
+        data = bytearray(victim.read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + 16] = b"\xff" * 16 if len(data) > 32 else b"garbage"
+        victim.write_bytes(bytes(data))
+    assert commit(path, rows(25, 50)) == [False] * 25 + [True] * 25
+    assert stored(path) == (75, 75)
+    assert "rebuilding the digest index" in text(logged)
+
+
+def test_a_missing_index_is_rebuilt(path: Path, logged: Any) -> None:
+    commit(path, rows(0, 20))
+    shutil.rmtree(path.parent / "alerts.db-digests")
+    assert commit(path, rows(10, 20)) == [False] * 10 + [True] * 10
+    assert stored(path) == (30, 30)
+    assert "rebuilding the digest index" in text(logged) and "the store has no index yet" in text(logged)
+
+
+def test_a_store_made_by_an_earlier_version_gets_an_index(path: Path, logged: Any) -> None:
+    """Earlier versions kept a UNIQUE (sensor, sha256) constraint in the table and no index."""
+    old_schema = SCHEMA.replace("    idmef TEXT\n);", "    idmef TEXT,\n    UNIQUE (sensor, sha256)\n);", 1)
+    assert old_schema != SCHEMA
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema.split("CREATE TABLE IF NOT EXISTS iapd_meta")[0])
+        for row in rows(0, 40):
+            r = row.record
+            db.execute("INSERT INTO alerts (sensor, received, content_type, sha256, via, body) VALUES (?, ?, ?, ?, '[]', ?)",
+                       (r.sensor, r.received, r.content_type, r.sha256, r.body))
+    assert commit(path, rows(30, 20)) == [False] * 10 + [True] * 10
+    assert stored(path) == (50, 50)
+    assert "made by an earlier version" in text(logged)
+
+
+def test_a_second_manager_on_the_same_store_is_refused(path: Path) -> None:
+    """Two writers would each keep their own index: the second, in another process, is refused."""
+    first = SQLiteBackend(path)
+    first.open()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-c", OPEN_ONLY, str(path), str(Path(__file__).resolve().parents[1])],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode == 3, second.stderr
+        assert "is in use by another process (is another manager running with this store?)" in second.stdout
+        with pytest.raises(StoreError, match="is in use by another process"):  # and in this one
+            SQLiteBackend(path).open()
+        assert first.commit(rows(0, 5), {}) == [True] * 5  # the first is unharmed
+    finally:
+        first.close()
+    assert stored(path) == (5, 5)
+
+
+OPEN_ONLY = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from iapd.store import SQLiteBackend, StoreError
+    try:
+        SQLiteBackend(Path(sys.argv[1])).open()
+    except StoreError as e:
+        print(e)
+        sys.exit(3)
+""")
+
+
+def test_an_index_that_cannot_be_made_is_a_clear_error(path: Path) -> None:
+    (path.parent).mkdir(parents=True, exist_ok=True)
+    (path.parent / "alerts.db-digests").write_text("not a directory\n")
+    with pytest.raises(StoreError, match=r"cannot open SQLite store .*alerts.db: cannot open the digest index"):
+        SQLiteBackend(path).open()
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from tests.test_digests import rows
+    from iapd.store import SQLiteBackend
+
+    backend = SQLiteBackend(Path(sys.argv[1]))
+    backend.open()
+    n = 0
+    while n < 1_000_000:
+        backend.commit(rows(n, 200), {})
+        print(n + 200, flush=True)
+        n += 200
+""")
+
+
+def test_sigkill_while_committing_neither_loses_nor_doubles(path: Path) -> None:
+    """A real process committing batches as fast as it can, killed mid-flight; then every
+    batch it may have committed comes again, as the sensors would send it."""
+    root = str(Path(__file__).resolve().parents[1])
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), root], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        acknowledged = 0
+        for line in child.stdout:
+            acknowledged = int(line)
+            if acknowledged >= 4000:
+                os.kill(child.pid, signal.SIGKILL)
+                break
+        acknowledged = max([acknowledged] + [int(line) for line in child.stdout.read().split()])
+    finally:
+        child.kill()
+        child.wait(30)
+    assert acknowledged >= 4000
+    count, distinct = stored(path)
+    # every batch acknowledged is there, and at most the one in flight besides
+    assert count == distinct and count % 200 == 0 and acknowledged <= count <= acknowledged + 200
+    again = commit(path, rows(0, count + 200))
+    assert again == [False] * count + [True] * 200
+    assert stored(path) == (count + 200, count + 200)
