@@ -27,7 +27,7 @@ from .manager import ManagerFactory, ManagerSettings
 from .metrics import ManagerMetrics
 from .pgstore import PostgresStore
 from .reload import ReloadOnHangup, load_again, warn_restart_keys
-from .services import add_listeners, configuration_error
+from .services import add_listeners, configuration_error, stop_failed
 from .store import GroupCommitStore, SQLiteStore, read_alerts
 from .web.site import manager_site
 
@@ -84,7 +84,7 @@ class StoreService(service.Service):
 
         def failed(failure: Any) -> None:
             log.critical("cannot open the store: {why}; stopping", why=failure.getErrorMessage())
-            self.reactor.stop()
+            stop_failed(self.reactor)
 
         d.addErrback(failed)
 

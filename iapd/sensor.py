@@ -28,6 +28,7 @@ from .inputs import DirectoryInput, EveInput, SocketInput
 from .messages import IDEF_ALERT
 from .metrics import SensorMetrics
 from .reload import load_again, warn_restart_keys
+from .services import stop_failed
 from .spool import Spool, SpoolFull
 from .web.site import metrics_root, protected_site
 
@@ -122,7 +123,7 @@ class SensorService(service.Service):
         def failed(failure: Any) -> None:
             log.critical("cannot open the spool {path}: {why}; stopping", path=str(self.config.spool),
                          why=failure.getErrorMessage())
-            self.reactor.stop()
+            stop_failed(self.reactor)
 
         d.addErrback(failed)
 

@@ -4,6 +4,9 @@ Service wiring the three twistd plugins share.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from typing import Any, NoReturn, Sequence
 
 from twisted.application import service
@@ -30,3 +33,28 @@ def add_listeners(parent: service.MultiService, reactor: Any, texts: Sequence[st
 def configuration_error(role: str, error: ConfigError) -> NoReturn:
     """Stop twistd with one line naming the key, without its page of usage text."""
     raise SystemExit(f"twistd {role}: configuration error: {error}") from None
+
+
+def stop_failed(reactor: Any) -> None:
+    """
+    Stop the daemon after a failure it cannot run without (a store or a spool that will
+    not open), with exit status 1.
+
+    Such a failure arrives through a Deferred, after twistd has started the services,
+    so there is no exception for twistd to turn into an exit status, and
+    C{reactor.stop()} alone ends the process with 0, which systemd's
+    C{Restart=on-failure} and any script take for a clean stop.  The status is set at
+    the very end, once twistd has shut down, written its last log lines and removed its
+    pid file.
+    """
+
+    def exit_1() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
+
+    atexit.register(exit_1)
+    reactor.stop()

@@ -4,7 +4,9 @@ The commands as users run them: real processes, real sockets, real files.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import signal
 import urllib.request
 from pathlib import Path
@@ -136,6 +138,35 @@ def test_unbindable_port_stops_the_daemon(dev_manager, tmp_path: Path) -> None:
     daemon.stop()
     assert code != 0
     assert "Address already in use" in daemon.log() or "CannotListenError" in daemon.log()
+
+
+def test_second_manager_on_the_same_store_stops_with_a_reason(dev_manager, tmp_path: Path) -> None:
+    """Two managers writing one SQLite file would each keep their own digest index and
+    could each store a retransmission once: the second stops at start and says why."""
+    state, first = dev_manager
+    config = (state / "manager.yaml").read_text()
+    port, web = free_port(), free_port()
+    config = re.sub(r'listen: \["tcp:\d+:', f'listen: ["tcp:{port}:', config)
+    config = re.sub(r'web: \{listen: "tcp:\d+:', f'web: {{listen: "tcp:{web}:', config)
+    (state / "second.yaml").write_text(config)
+    other = tmp_path / "other"
+    other.mkdir()
+    daemon = Daemon(["iap-manager", "-c", str(state / "second.yaml")], other)
+    code = daemon.proc.wait(60)
+    daemon.stop()
+    log = daemon.log()
+    assert code != 0, log
+    assert "cannot open the store: cannot open SQLite store" in log
+    assert "alerts.db-digests is in use by another process (is another manager running with this store?); stopping" in log
+    assert "Traceback" not in log
+    # the first manager goes on storing
+    body = b"sent after the second manager stopped"
+    sent = run(["iapd.send", "-c", str(state / "sensor.yaml"), "-"], stdin=body)
+    assert sent.returncode == 0, sent.stderr
+    listed = run(["iapd.ctl", "-c", str(state / "manager.yaml"), "alerts", "--json"])
+    digests = [json.loads(line)["sha256"] for line in listed.stdout.splitlines()]
+    assert digests[-1] == hashlib.sha256(body).hexdigest() and len(digests) == 2
+    assert first.proc.poll() is None
 
 
 def test_ctl_errors(tmp_path: Path) -> None:

@@ -641,3 +641,19 @@ def test_alert_larger_than_the_spool_does_not_block_the_others(
     assert big.stat().st_size == 2 * MiB
     assert "big.alert" in sensor.log(), "the sensor log does not say why big.alert stays"
     assert sensor.proc.poll() is None
+
+
+def test_a_spool_that_cannot_open_stops_the_sensor_with_status_1(pki: TestPKI, tmp_path: Path) -> None:
+    """A failure found after twistd started the services still ends in a non-zero exit,
+    which systemd's Restart=on-failure and scripts rely on."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the spool's parent should be\n")
+    config = daemon_sensor_yaml(tmp_path / "sensor", pki, free_port(), [], spool=blocker / "spool")
+    daemon = Daemon(["iap-sensor", "-c", str(config)], run_dir(config.parent))
+    code = daemon.proc.wait(60)
+    daemon.stop()
+    log = daemon.log()
+    assert code == 1, log
+    assert f"cannot open the spool {blocker / 'spool'}" in log and "; stopping" in log
+    assert "Server Shut Down." in log and "Traceback" not in log
+    assert blocker.read_text() == "a file where the spool's parent should be\n"
