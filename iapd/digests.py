@@ -2,22 +2,32 @@
 The exactly-once check of an SQLite store: the digest of every alert it holds, kept in
 a LevelDB directory beside the file (C{alerts.db-digests}).
 
-Why not a UNIQUE (sensor, sha256) index in SQLite, as stores made by earlier versions have: a
-SHA-256 is random, so each new alert lands on its own leaf of a B-tree, and every commit
-wrote a 4 KiB page per alert to the WAL and again to the database at the checkpoint, two
-thirds of the store's time (C{bench/store.py}).  LevelDB is a log-structured merge tree:
-a new digest is appended to a log and merged later in sorted runs, a few hundred octets
-written per alert, and looking up a digest that is not there, as nearly every lookup
-is, is answered by a Bloom filter.
+Why not a UNIQUE (sensor, sha256) index in SQLite, as stores made by earlier versions
+have: a SHA-256 is random, so each new alert lands on its own leaf of a B-tree, and
+every commit wrote a 4 KiB page per alert to the WAL and again to the database at the
+checkpoint, two thirds of the store's time and more as the store grows
+(C{bench/store.py}).  LevelDB is a log-structured merge tree: a new digest is appended
+to a log and merged later in sorted runs, a few hundred octets written per alert, and a
+lookup of a digest that is not there, as nearly every lookup is, is answered by a
+Bloom filter.
 
-The SQLite file stays the record and the index only ever follows it.  The index is
-written after the alerts' commit, without an fsync, together with the highest alert id
-it covers (its watermark), in one atomic LevelDB batch; when the store opens, alerts
-committed past the watermark (the manager died between the commit and the index write)
-are added from the file.  A digest found in the index counts as a retransmission only
-when the row it names is in the file with the same sensor and digest, so an index that
-is stale, ahead of its file or damaged can never make the manager drop an alert; at
-worst it is rebuilt from the file, which the log says.
+The SQLite file is the record and the index only ever follows it:
+
+  - The index is written after the alerts' commit, in one LevelDB batch with its
+    I{watermark} (the highest alert id it covers, and that alert's key), without an
+    fsync.  Every L{CHECKPOINT_EVERY} ids, and at a clean close, the memtable is
+    flushed to a synced table and the watermark recorded as I{durable}.
+  - When the store opens after a clean close, the index carries on from its
+    watermark; after any other stop (a crash, a SIGKILL, a power cut that may have
+    lost or reordered the unsynced log) it trusts only its durable watermark and adds
+    every alert after it from the file again.
+  - The index is rebuilt from the file when it is missing, damaged, built from
+    another file (a token in the file's C{iapd_meta} table), ahead of the file, or
+    when the alert at its watermark is not the one in the file (the file was replaced
+    by a copy that went its own way).
+  - A digest found in the index counts as a retransmission only when the row it
+    names is in the file with the same sensor and digest, so whatever state the index
+    is in, it can never make the manager drop a new alert.
 """
 
 from __future__ import annotations
@@ -25,17 +35,27 @@ from __future__ import annotations
 import secrets
 import sqlite3
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import plyvel
 from twisted.logger import Logger
 
 _WATERMARK = b"\x00watermark"
-"""Highest alert id whose digest is in the index (sensor names never start with NUL)."""
+"""The highest alert id in the index and its key (sensor names never start with NUL)."""
+_DURABLE = b"\x00durable"
+"""A watermark known to be on the disk: everything up to it is in synced tables."""
+_CLEAN = b"\x00clean"
+"""The watermark at the last clean close; removed (synced) when the store opens."""
 _STORE = b"\x00store"
 """The token of the SQLite file the index was built from (its C{iapd_meta} row)."""
 
-REBUILD_CHUNK = 10_000
+CHECKPOINT_EVERY = 131_072
+"""Alert ids between durable watermarks: at most this many alerts (some seconds of
+work) are added from the file again after a crash."""
+CATCH_UP_CHUNK = 10_000
+
+_NOWHERE = (b"\xff\xff", b"\xff\xff\xff")
+"""A key range holding no key: compacting it only flushes the memtable."""
 
 
 class DigestIndexError(Exception):
@@ -47,27 +67,26 @@ def digest_key(sensor: str, sha256: str) -> bytes:
     return sensor.encode() + b"\x00" + bytes.fromhex(sha256)
 
 
-def why(error: Exception) -> str:
+def why(error: BaseException) -> str:
     """An exception's message: plyvel's carry LevelDB's status as octets."""
     args = [a.decode(errors="replace") if isinstance(a, bytes) else str(a) for a in error.args]
     return "; ".join(args) or type(error).__name__
 
 
-def _id(value: bytes | None) -> int:
-    return int.from_bytes(value, "big") if value else 0
+def _mark(alert_id: int, key: bytes) -> bytes:
+    return alert_id.to_bytes(8, "big") + key
 
 
-def _octets(alert_id: int) -> bytes:
-    return alert_id.to_bytes(8, "big")
+def _unmark(value: bytes | None) -> tuple[int, bytes]:
+    return (int.from_bytes(value[:8], "big"), value[8:]) if value else (0, b"")
 
 
-def store_token(db: sqlite3.Connection) -> str:
-    """
-    The random token naming this SQLite file, made on first use: an index built from
-    another file (a store replaced by a copy from elsewhere) is told apart and rebuilt.
-    """
-    db.execute("INSERT OR IGNORE INTO iapd_meta (key, value) VALUES ('store', ?)", (secrets.token_hex(16),))
-    return db.execute("SELECT value FROM iapd_meta WHERE key = 'store'").fetchone()[0]
+def _row_key(db: sqlite3.Connection, alert_id: int) -> bytes | None:
+    row = db.execute("SELECT sensor, sha256 FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+    try:
+        return digest_key(*row) if row else None
+    except (ValueError, UnicodeError):
+        return None
 
 
 class DigestIndex:
@@ -82,20 +101,33 @@ class DigestIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: plyvel.DB | None = None
-        self._covered = 0  # the watermark: ids up to this one are in the index
+        self._covered = (0, b"")  # the watermark: ids up to this one are in the index
+        self._durable = 0
         self._stored = 0  # the highest id committed to the file, as far as we know
+
+    # -- opening ----------------------------------------------------------------------
 
     def open(self, db: sqlite3.Connection) -> None:
         """Open the index and bring it up to date with the file; rebuild it if it does not match."""
-        token = store_token(db)
-        stored = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
         try:
+            # first, so that a second manager is told so before it touches the file
             self._db = self._open_leveldb()
         except plyvel.CorruptionError as e:
             self._rebuild(db, f"the index is damaged ({why(e)})")
             return
+        try:
+            self._open_checked(db)
+        except plyvel.CorruptionError as e:
+            self._rebuild(db, f"the index is damaged ({why(e)})")
+
+    def _open_checked(self, db: sqlite3.Connection) -> None:
+        assert self._db is not None
+        token = self._token(db)
+        stored = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
         found = self._db.get(_STORE)
-        covered = _id(self._db.get(_WATERMARK))
+        watermark = self._db.get(_WATERMARK)
+        clean = self._db.get(_CLEAN)
+        start = _unmark(watermark if clean is not None and clean == watermark else self._db.get(_DURABLE))
         if found is None:
             if stored:
                 self._rebuild(db, "the store has no index yet (made by an earlier version, or the index was removed)")
@@ -104,113 +136,191 @@ class DigestIndex:
         elif found != token.encode():
             self._rebuild(db, "the index was built from another store file")
             return
-        elif covered > stored:
-            self._rebuild(db, f"the index covers alerts up to id {covered} but the store ends at {stored}"
-                              " (was the store restored from an older copy?)")
+        elif _unmark(watermark)[0] > stored:
+            self._rebuild(db, f"the index covers alerts up to id {_unmark(watermark)[0]} but the store ends at"
+                              f" {stored} (was the store restored from an older copy?)")
             return
-        self._covered, self._stored = covered, stored
-        if covered < stored:
-            self.log.info("adding {count} alerts committed before the last stop to the digest index {path}",
-                          count=stored - covered, path=str(self.path))
+        elif start[1] and _row_key(db, start[0]) != start[1]:
+            self._rebuild(db, f"the alert with id {start[0]} in the store is not the one the index has"
+                              " (was the store replaced by another copy?)")
+            return
+        if clean is not None:
+            self._db.delete(_CLEAN, sync=True)
+        self._covered, self._durable, self._stored = start, start[0], stored
+        if start[0] < stored:
+            if clean is None:
+                self.log.warn("the store was not closed cleanly: adding the {count} alerts after id {start}"
+                              " to the digest index {path} again", count=stored - start[0], start=start[0],
+                              path=str(self.path))
+            else:
+                self.log.warn("adding the {count} alerts after id {start} to the digest index {path}: they were"
+                              " stored without it (by an earlier version?)", count=stored - start[0],
+                              start=start[0], path=str(self.path))
             self._catch_up(db)
+
+    def _token(self, db: sqlite3.Connection) -> str:
+        """
+        The random token naming this SQLite file, made on first use: an index built
+        from another file (a store replaced by one from elsewhere) is told apart.
+        Read first, so that an open normally takes no write lock on the file.
+        """
+        row = db.execute("SELECT value FROM iapd_meta WHERE key = 'store'").fetchone()
+        if row is None:
+            db.execute("INSERT OR IGNORE INTO iapd_meta (key, value) VALUES ('store', ?)", (secrets.token_hex(16),))
+            row = db.execute("SELECT value FROM iapd_meta WHERE key = 'store'").fetchone()
+        return row[0]
 
     def _open_leveldb(self) -> plyvel.DB:
         try:
-            # paranoid_checks: a log damaged in the middle (a power cut with writes
-            # reordered) fails the open and the index is rebuilt, instead of LevelDB
-            # skipping the damaged batch and keeping a watermark that covers it
+            # paranoid_checks: damage found in the log fails the open (and the index is
+            # rebuilt) instead of being skipped
             return plyvel.DB(str(self.path), create_if_missing=True, paranoid_checks=True, bloom_filter_bits=10,
                              write_buffer_size=8 << 20, lru_cache_size=8 << 20)
         except plyvel.IOError as e:
-            if why(e).startswith("IO error: lock "):
+            message = why(e)
+            if message.startswith("IO error: lock ") and (
+                "already held" in message or "temporarily unavailable" in message
+            ):
                 raise DigestIndexError(
                     f"the digest index {self.path} is in use by another process"
                     " (is another manager running with this store?)"
                 ) from None
-            raise DigestIndexError(f"cannot open the digest index {self.path}: {why(e)}") from None
+            raise DigestIndexError(f"cannot open the digest index {self.path}: {message}") from None
 
-    def _rebuild(self, db: sqlite3.Connection, why: str) -> None:
+    def _rebuild(self, db: sqlite3.Connection, reason: str) -> None:
         count = db.execute("SELECT count(*) FROM alerts").fetchone()[0]
         self.log.warn("rebuilding the digest index {path} from the {count} alerts in the store: {why}",
-                      path=str(self.path), count=count, why=why)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+                      path=str(self.path), count=count, why=reason)
+        self._close_leveldb()
         try:
             plyvel.destroy_db(str(self.path))
         except plyvel.Error as e:
             raise DigestIndexError(f"cannot remove the digest index {self.path} to rebuild it: {why(e)}") from None
         self._db = self._open_leveldb()
-        self._covered = 0
+        self._covered, self._durable = (0, b""), 0
         self._stored = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
         self._catch_up(db)
+        self._checkpoint()
         # the token last: an index whose rebuild was cut short is rebuilt again
-        self._db.put(_STORE, store_token(db).encode(), sync=True)
+        self._db.put(_STORE, self._token(db).encode(), sync=True)
+        self.log.info("the digest index {path} covers the {count} alerts in the store", path=str(self.path),
+                      count=count)
+
+    # -- keeping up with the file ---------------------------------------------------
 
     def _catch_up(self, db: sqlite3.Connection) -> None:
         """Add the alerts of the file past the watermark, in order, a chunk per batch."""
+        cursor = db.execute("SELECT id, sensor, sha256 FROM alerts WHERE id > ? ORDER BY id", (self._covered[0],))
+        while rows := cursor.fetchmany(CATCH_UP_CHUNK):
+            entries = []
+            for alert_id, sensor, sha256 in rows:
+                try:
+                    entries.append((digest_key(sensor, sha256), alert_id))
+                except (ValueError, UnicodeError):
+                    self.log.warn("alert {id} in the store has no valid digest ({sha256!r}); it cannot be"
+                                  " recognised if it is sent again", id=alert_id, sha256=sha256)
+            last_id = rows[-1][0]
+            self._write(entries, last_id, entries[-1][0] if entries and entries[-1][1] == last_id else b"")
+        self._stored = max(self._stored, self._covered[0])
+
+    def _write(self, entries: Sequence[tuple[bytes, int]], last_id: int, last_key: bytes) -> None:
         assert self._db is not None
-        cursor = db.execute("SELECT id, sensor, sha256 FROM alerts WHERE id > ? ORDER BY id", (self._covered,))
-        while rows := cursor.fetchmany(REBUILD_CHUNK):
-            with self._db.write_batch() as batch:
-                for alert_id, sensor, sha256 in rows:
-                    batch.put(digest_key(sensor, sha256), _octets(alert_id))
-                batch.put(_WATERMARK, _octets(rows[-1][0]))
-            self._covered = rows[-1][0]
-        self._stored = max(self._stored, self._covered)
+        watermark = _mark(last_id, last_key)
+        with self._db.write_batch() as batch:
+            for key, alert_id in entries:
+                batch.put(key, alert_id.to_bytes(8, "big"))
+            batch.put(_WATERMARK, watermark)
+        self._covered = (last_id, last_key)
+        if last_id - self._durable >= CHECKPOINT_EVERY:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Flush what the index holds to synced tables, and record the watermark as durable."""
+        assert self._db is not None
+        self._db.compact_range(start=_NOWHERE[0], stop=_NOWHERE[1])
+        self._db.put(_DURABLE, _mark(*self._covered), sync=True)
+        self._durable = self._covered[0]
 
     def stored_ids(self, db: sqlite3.Connection, keys: Sequence[bytes]) -> list[int | None]:
         """
         For each key, the id of the stored alert it names, or None when it is new.
 
         A hit is confirmed against the file (one lookup by id, only for hits, which
-        retransmissions are): the index can say "new" wrongly only if it is behind,
-        which is caught up first, and never "stored" wrongly.
+        retransmissions are), so the index never says "stored" wrongly.  If the index
+        fails (damage found while reading, or a LevelDB background error that stops
+        its writes), it is rebuilt from the file and asked again.
         """
         if self._db is None:
-            raise DigestIndexError(f"the digest index {self.path} is not open")
-        if self._covered < self._stored:
+            raise DigestIndexError(f"the digest index {self.path} is not open (a rebuild failed: see the log;"
+                                   " restart the manager once the cause is fixed)")
+        try:
+            return self._stored_ids(db, keys)
+        except plyvel.Error as e:
+            self._rebuild(db, f"the index failed ({why(e)})")
+            return self._stored_ids(db, keys)
+
+    def _stored_ids(self, db: sqlite3.Connection, keys: Sequence[bytes]) -> list[int | None]:
+        assert self._db is not None
+        if self._covered[0] < self._stored:
             # the last index write failed (logged): the file is the record, catch up
             self._catch_up(db)
         get = self._db.get
-        found = [_id(get(key)) or None for key in keys]
-        hits = {i for i in found if i is not None}
+        found = [int.from_bytes(value, "big") if (value := get(key, verify_checksums=True)) else None
+                 for key in keys]
+        hits = sorted({i for i in found if i is not None})
         if not hits:
             return found
-        rows = {}
+        rows: dict[int, bytes] = {}
         for start in range(0, len(hits), 500):
-            chunk = sorted(hits)[start:start + 500]
-            rows.update(
-                (alert_id, digest_key(sensor, sha256))
-                for alert_id, sensor, sha256 in db.execute(
-                    f"SELECT id, sensor, sha256 FROM alerts WHERE id IN ({','.join('?' * len(chunk))})", chunk
-                )
-            )
+            chunk = hits[start:start + 500]
+            for alert_id, sensor, sha256 in db.execute(
+                f"SELECT id, sensor, sha256 FROM alerts WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ):
+                rows[alert_id] = digest_key(sensor, sha256)
         return [i if i is not None and rows.get(i) == key else None for i, key in zip(found, keys)]
 
-    def committed(self, entries: Sequence[tuple[bytes, int]], last_id: int) -> None:
+    def committed(self, entries: Sequence[tuple[bytes, int]]) -> None:
         """
-        Record alerts the file has just committed, up to id C{last_id}.
+        Record alerts the file has just committed, in id order.
 
-        Not synced: after a crash the watermark tells what to add from the file.  A
-        failure is logged, not raised, because the alerts are committed and must be
-        answered 200; the next lookup catches up from the file.
+        A failure is logged, not raised: the alerts are committed and must be answered
+        200; the next lookup catches up from the file (or rebuilds the index).
         """
+        if not entries:
+            return
+        last_key, last_id = entries[-1]
         self._stored = max(self._stored, last_id)
         if self._db is None:
             return
         try:
-            with self._db.write_batch() as batch:
-                for key, alert_id in entries:
-                    batch.put(key, _octets(alert_id))
-                batch.put(_WATERMARK, _octets(last_id))
+            self._write(entries, last_id, last_key)
         except Exception as e:
             self.log.error("writing the digest index {path} failed ({why}); it will be caught up from the store",
                            path=str(self.path), why=why(e))
-            return
-        self._covered = last_id
+
+    # -- closing ----------------------------------------------------------------------
 
     def close(self) -> None:
+        """Make the index durable and mark the close clean, so the next open trusts it."""
+        if self._db is None:
+            return
+        try:
+            if self._covered[0] >= self._stored:
+                self._checkpoint()
+                self._db.put(_CLEAN, _mark(*self._covered), sync=True)
+        except Exception as e:
+            self.log.error("closing the digest index {path} cleanly failed ({why}); the next start checks the"
+                           " alerts after id {id} again", path=str(self.path), why=why(e), id=self._durable)
+        self._close_leveldb()
+
+    def _close_leveldb(self) -> None:
         if self._db is not None:
-            self._db.close()
-            self._db = None
+            try:
+                self._db.close()
+            finally:
+                self._db = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Where the index stands, for tests and diagnostics."""
+        return {"covered": self._covered[0], "durable": self._durable, "stored": self._stored}

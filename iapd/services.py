@@ -12,6 +12,7 @@ from typing import Any, NoReturn, Sequence
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
+from twisted.internet.error import ReactorNotRunning
 
 from .config import ConfigError
 
@@ -44,11 +45,21 @@ def stop_failed(reactor: Any) -> None:
     so there is no exception for twistd to turn into an exit status, and
     C{reactor.stop()} alone ends the process with 0, which systemd's
     C{Restart=on-failure} and any script take for a clean stop.  The status is set at
-    the very end, once twistd has shut down, written its last log lines and removed its
-    pid file.
+    the very end (L{_exit_if_failed}), once twistd has shut down, written its last log
+    lines and removed its pid file.
     """
+    _failed.append(True)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (a signal came during the start): the status still says it failed
 
-    def exit_1() -> None:
+
+_failed: list[bool] = []
+
+
+def _exit_if_failed() -> None:
+    if _failed:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -56,5 +67,7 @@ def stop_failed(reactor: Any) -> None:
                 pass
         os._exit(1)
 
-    atexit.register(exit_1)
-    reactor.stop()
+
+# registered when the plugins are imported, before twistd's own and most other exit
+# handlers, so that it runs after them (last registered, first run)
+atexit.register(_exit_if_failed)

@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS iapd_meta (
 );
 """
 """The alerts table has no UNIQUE (sensor, sha256): the digest index (L{iapd.digests})
-does that job.  Stores made by earlier versions keep theirs, which is harmless."""
+does that job.  Stores made by earlier versions keep theirs (SQLite cannot drop it
+without copying the table): it is slower, but never wrong."""
 
 
 class StoreError(Exception):
@@ -165,10 +166,15 @@ WAL_PAGES = 16384
 class SQLiteBackend:
     """An SQLite file in WAL mode with synchronous=FULL, and its digest index beside it."""
 
+    log = Logger()
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
-        self.digests = DigestIndex(path.with_name(path.name + "-digests"))
+        # beside the file itself: two managers reaching one file through different
+        # links must find the same index (and its lock)
+        real = path.resolve()
+        self.digests = DigestIndex(real.with_name(real.name + "-digests"))
 
     def __str__(self) -> str:
         return str(self.path)
@@ -199,6 +205,7 @@ class SQLiteBackend:
             _migrate(db)
             self.digests.open(db)
         except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error) as e:
+            self.digests.close()
             db.close()
             raise StoreError(f"cannot open SQLite store {self.path}: {why(e)}") from None
         self._db = db
@@ -211,7 +218,10 @@ class SQLiteBackend:
         db = self._db
         if db is None:
             raise StoreError(f"the store {self.path} is not open")
-        keys = [digest_key(row.record.sensor, row.record.sha256) for row in rows]
+        try:
+            keys = [digest_key(row.record.sensor, row.record.sha256) for row in rows]
+        except (ValueError, UnicodeError) as e:
+            raise StoreError(f"an alert without a valid sensor name or digest: {e}") from None
         try:
             stored = self.digests.stored_ids(db, keys)
         except (DigestIndexError, plyvel.Error, RuntimeError) as e:
@@ -246,10 +256,8 @@ class SQLiteBackend:
             db.execute("ROLLBACK")
             raise
         added = {key: i for key, i in zip(fresh, ids) if i is not None}
-        if added:
-            self.digests.committed(list(added.items()), max(added.values()))
-        # new: the first of its key in the batch, and inserted (a store made by an
-        # earlier version also has its UNIQUE constraint, which should never fire)
+        self.digests.committed(list(added.items()))
+        # new: the first of its key in the batch, and inserted
         return [fresh.pop(key, None) is row and key in added for row, key in zip(rows, keys)]
 
     INSERT_CHUNK = 1024
@@ -288,7 +296,20 @@ class SQLiteBackend:
             return list(range(before + 1, before + 1 + len(rows)))
         new = {(sensor, sha256): i for i, sensor, sha256 in
                db.execute("SELECT id, sensor, sha256 FROM alerts WHERE id > ?", (before,))}
-        return [new.pop((row.record.sensor, row.record.sha256), None) for row in rows]
+        ids = [new.pop((row.record.sensor, row.record.sha256), None) for row in rows]
+        # Only a store made by an earlier version has a constraint that may ignore a
+        # row: its UNIQUE (sensor, sha256), when the digest index lacked an alert the
+        # file holds.  A row ignored for any other reason must not be answered as a
+        # retransmission: that would lose it.
+        for row, i in zip(rows, ids):
+            if i is None:
+                r = row.record
+                if db.execute("SELECT 1 FROM alerts WHERE sensor = ? AND sha256 = ? LIMIT 1",
+                              (r.sensor, r.sha256)).fetchone() is None:
+                    raise StoreError(f"an alert from {r.sensor} (sha256 {r.sha256}) could not be inserted")
+                self.log.warn("the store's UNIQUE (sensor, sha256) constraint found an alert from {sensor}"
+                              " (sha256 {sha256}) that the digest index lacked", sensor=r.sensor, sha256=r.sha256)
+        return ids
 
     # Summaries written after the alerts' commit.  SQL NULL in C{idmef} means "not
     # summarised yet"; a body that has no summary holds the JSON text C{null}.

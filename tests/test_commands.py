@@ -155,7 +155,7 @@ def test_second_manager_on_the_same_store_stops_with_a_reason(dev_manager, tmp_p
     code = daemon.proc.wait(60)
     daemon.stop()
     log = daemon.log()
-    assert code != 0, log
+    assert code == 1, log
     assert "cannot open the store: cannot open SQLite store" in log
     assert "alerts.db-digests is in use by another process (is another manager running with this store?); stopping" in log
     assert "Traceback" not in log

@@ -87,6 +87,14 @@ def test_equal_alerts_in_one_batch_are_stored_once(path: Path) -> None:
     assert stored(path) == (3, 3)
 
 
+def crash(backend: SQLiteBackend) -> None:
+    """Let go of a backend as a killed process would: no clean close of its index."""
+    backend.digests._close_leveldb()
+    assert backend._db is not None
+    backend._db.close()
+    backend._db = None
+
+
 def test_alerts_committed_past_the_watermark_are_caught_up(path: Path, logged: Any) -> None:
     """What a crash between the commit and the index write leaves: rows the index lacks."""
     commit(path, rows(0, 10))
@@ -98,12 +106,46 @@ def test_alerts_committed_past_the_watermark_are_caught_up(path: Path, logged: A
     db.execute("BEGIN IMMEDIATE")
     backend._insert(db, rows(10, 10))
     db.execute("COMMIT")
-    backend._db = None
-    backend.digests.close()
-    db.close()
+    crash(backend)
     assert commit(path, rows(0, 25)) == [False] * 20 + [True] * 5
     assert stored(path) == (25, 25)
-    assert "adding 10 alerts committed before the last stop to the digest index" in text(logged)
+    assert "the store was not closed cleanly: adding the 10 alerts after id 10 to the digest index" in text(logged)
+
+
+def test_after_a_crash_only_the_durable_watermark_is_trusted(path: Path, logged: Any, monkeypatch: Any) -> None:
+    """A power cut may lose the unsynced end of LevelDB's log, or a piece of it, below a
+    watermark that survived: after an unclean stop everything past the last durable
+    watermark is added from the file again."""
+    monkeypatch.setattr("iapd.digests.CHECKPOINT_EVERY", 100)
+    backend = SQLiteBackend(path)
+    backend.open()
+    assert backend.commit(rows(0, 150), {}) == [True] * 150
+    assert backend.commit(rows(150, 30), {}) == [True] * 30
+    assert backend.digests.state == {"covered": 180, "durable": 150, "stored": 180}
+    ldb = backend.digests._db
+    assert ldb is not None
+    for row in rows(150, 30):  # what a lost piece of the log would leave: a hole below the watermark
+        ldb.delete(digest_key(row.record.sensor, row.record.sha256))
+    crash(backend)
+    assert commit(path, rows(140, 50)) == [False] * 40 + [True] * 10
+    assert stored(path) == (190, 190)
+    assert "not closed cleanly: adding the 30 alerts after id 150" in text(logged)
+
+
+def test_a_clean_close_is_trusted_and_alerts_stored_without_the_index_are_added(path: Path, logged: Any) -> None:
+    """Alerts an earlier version stored into the file after a clean close (a downgrade
+    and back) are added to the index at the next open."""
+    commit(path, rows(0, 10))
+    with sqlite3.connect(path) as db:
+        for row in rows(10, 5):
+            r = row.record
+            db.execute("INSERT INTO alerts (sensor, received, content_type, sha256, via, body) VALUES (?, ?, ?, ?, '[]', ?)",
+                       (r.sensor, r.received, r.content_type, r.sha256, r.body))
+    assert commit(path, rows(0, 16)) == [False] * 15 + [True]
+    assert stored(path) == (16, 16)
+    assert "adding the 5 alerts after id 10 to the digest index" in text(logged)
+    assert "stored without it (by an earlier version?)" in text(logged)
+    assert "not closed cleanly" not in text(logged) and "rebuilding" not in text(logged)
 
 
 def test_a_failed_index_write_is_caught_up_before_the_next_lookup(path: Path, logged: Any) -> None:
@@ -118,7 +160,7 @@ def test_a_failed_index_write_is_caught_up_before_the_next_lookup(path: Path, lo
         ids = backend._insert(db, rows(0, 10))
         db.execute("COMMIT")
         index._db.close()  # every use of it fails from now on
-        index.committed([(digest_key(r.record.sensor, r.record.sha256), i) for r, i in zip(rows(0, 10), ids)], 10)
+        index.committed([(digest_key(r.record.sensor, r.record.sha256), i) for r, i in zip(rows(0, 10), ids)])
         assert "writing the digest index" in text(logged) and "it will be caught up from the store" in text(logged)
         with pytest.raises(StoreError, match="cannot read the digest index .*alerts.db-digests: Database is closed"):
             backend.commit(rows(10, 1), {})  # nothing committed: answered 503
@@ -151,6 +193,54 @@ def test_an_index_built_from_another_file_is_rebuilt(path: Path, tmp_path: Path,
     assert "the index was built from another store file" in text(logged)
 
 
+def test_a_file_replaced_by_a_copy_that_went_its_own_way_is_reindexed(path: Path, tmp_path: Path, logged: Any) -> None:
+    """A standby ran on a copy and stored other alerts under the same ids; its file, now
+    longer than the index's watermark, is copied back."""
+    commit(path, rows(0, 10))
+    standby = tmp_path / "standby" / "alerts.db"
+    standby.parent.mkdir()
+    shutil.copy(path, standby)
+    commit(path, rows(10, 10))  # ids 11-20 here
+    commit(standby, rows(100, 15))  # ids 11-25 there, other alerts
+    shutil.copy(standby, path)
+    assert commit(path, rows(100, 15) + rows(10, 1)) == [False] * 15 + [True]
+    assert stored(path) == (26, 26)
+    assert "the alert with id 20 in the store is not the one the index has" in text(logged)
+
+
+def test_an_old_stores_unique_constraint_catches_what_the_index_lacks(path: Path, logged: Any) -> None:
+    old_schema = SCHEMA.replace("    idmef TEXT\n);", "    idmef TEXT,\n    UNIQUE (sensor, sha256)\n);", 1)
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        assert backend.commit(rows(0, 5), {}) == [True] * 5
+        ldb = backend.digests._db
+        assert ldb is not None
+        lost = rows(2, 1)[0].record
+        ldb.delete(digest_key(lost.sensor, lost.sha256))
+        assert backend.commit(rows(0, 6), {}) == [False] * 5 + [True]
+    finally:
+        backend.close()
+    assert stored(path) == (6, 6)
+    assert "UNIQUE (sensor, sha256) constraint found an alert from a.test" in text(logged)
+
+
+def test_a_row_the_insert_ignores_for_another_reason_is_an_error_not_a_duplicate(path: Path) -> None:
+    """Answering such an alert 200 as a retransmission would lose it: it is a 503."""
+    commit(path, rows(0, 1))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON alerts WHEN CAST(NEW.body AS TEXT) = 'alert 7'"
+                   " BEGIN SELECT RAISE(IGNORE); END")
+    with pytest.raises(StoreError, match=r"an alert from b.test \(sha256 [0-9a-f]{64}\) could not be inserted"):
+        commit(path, rows(6, 2))
+    assert stored(path) == (1, 1)  # the batch is rolled back whole
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER refuse")
+    assert commit(path, rows(6, 2)) == [True, True]
+
+
 def test_a_damaged_entry_cannot_make_a_new_alert_a_retransmission(path: Path) -> None:
     """An index entry naming a row that holds another alert: the row decides."""
     commit(path, rows(0, 3))
@@ -162,11 +252,12 @@ def test_a_damaged_entry_cannot_make_a_new_alert_a_retransmission(path: Path) ->
     assert stored(path) == (4, 4)
 
 
-@pytest.mark.parametrize("damage", ["CURRENT", "MANIFEST", "log"])
+@pytest.mark.parametrize("damage", ["CURRENT", "MANIFEST", "log", "table"])
 def test_a_damaged_index_is_rebuilt(path: Path, logged: Any, damage: str) -> None:
     commit(path, rows(0, 50))
     index = path.parent / "alerts.db-digests"
-    name = {"CURRENT": "CURRENT", "MANIFEST": "MANIFEST-*", "log": "*.log"}[damage]
+    name = {"CURRENT": "CURRENT", "MANIFEST": "MANIFEST-*", "log": "*.log", "table": "*.ldb"}[damage]
+    assert list(index.glob(name)), f"no {name} in {sorted(p.name for p in index.iterdir())}"
     for victim in index.glob(name):
         data = bytearray(victim.read_bytes())
         middle = len(data) // 2
