@@ -175,12 +175,39 @@ class Process:
         self._log.close()
 
 
-class Manager(Process):
-    """C{twistd iap-manager} on a fresh SQLite store in C{workdir}."""
+def prefill_store(db: Path, count: int) -> None:
+    """
+    Make C{db} a store that already holds C{count} 1 KiB alerts, as a manager's does
+    after months of service, through iapd's own SQLite code (and so with its digest
+    index).  They are written as summarised, so that the manager has nothing to catch
+    up on when it starts.
+    """
+    from iapd.store import AlertRecord, Row, SQLiteBackend
 
-    def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager") -> None:
+    backend = SQLiteBackend(db)
+    backend.open()
+    try:
+        pad = b"x" * 1024
+        for start in range(0, count, 4096):
+            rows = [
+                Row(AlertRecord(sensor=f"earlier{i % 64}.example.org", content_type="application/idmef+xml",
+                                body=(b"<earlier n=%d/>" % i + pad)[:1024]), None)
+                for i in range(start, min(count, start + 4096))
+            ]
+            if not all(backend.commit(rows, {})):
+                raise BenchError(f"prefilling {db}: an alert was taken for a retransmission")
+    finally:
+        backend.close()
+
+
+class Manager(Process):
+    """C{twistd iap-manager} on a fresh SQLite store in C{workdir} (or one holding C{prefill} alerts)."""
+
+    def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager", prefill: int = 0) -> None:
         self.port = free_port()
         self.db = workdir / f"{name}.db"
+        if prefill:
+            prefill_store(self.db, prefill)
         conf = workdir / f"{name}.yaml"
         conf.write_text(
             f"identity: {MANAGER}\n"

@@ -16,7 +16,8 @@ cores are shared by all of them, the load generator included):
   throughput   sustained alerts/s from N sensors (1, 16, 256), each keeping a window of
                alerts in flight, every alert committed before its 200; direct, through
                one and two iap-proxy hops, through socat instead of iap-proxy, and
-               without TLS (the benchmark's plain manager); manager and relay CPU per alert
+               without TLS (the benchmark's plain manager); manager and relay CPU per alert;
+               and 16 sensors direct into a store that already holds --grown alerts
   peers        rsyslog RELP (omrelp -> imrelp) over TLS with window 1024 and the stock
                window, over plain TCP; prelude-manager fed by a python3-prelude client
   latency      acknowledgement latency p50/p99 at a fixed offered load, and CPU seconds
@@ -186,6 +187,19 @@ class Bench:
                 r["path"] = "direct, window 1024"
                 self.results["throughput"].append(r)
                 self.note(f"  {size:>5} B    1 sensor  window 1024   {r['rate']:>9,.0f} alerts/s")
+            finally:
+                manager.stop()
+            if size != 1024 or not a.grown or 16 not in a.sensors:
+                continue
+            # a store that has been in service for a while: does ingest slow down as it grows?
+            self.note(f"  filling a store with {a.grown:,} alerts first")
+            manager = Manager(self.workdir, self.pki, name=f"manager-{size}-grown", prefill=a.grown)
+            try:
+                r = self.load(manager, manager.port, 16, size, a.window, a.duration)
+                r["path"] = f"direct, store of {a.grown:,}"
+                self.results["throughput"].append(r)
+                self.note(f"  {size:>5} B   16 sensors store of {a.grown:,} {r['rate']:>9,.0f} alerts/s"
+                          f"  manager {r['manager_cpu_us']:5.1f} us/alert")
             finally:
                 manager.stop()
 
@@ -478,6 +492,8 @@ def main() -> int:
     parser.add_argument("--scale", type=lambda s: [int(x) for x in s.split(",")],
                         help="scale steps, sensors (1,10,100,1000,10000)")
     parser.add_argument("--duration", type=float, help="seconds of load per run (5)")
+    parser.add_argument("--grown", type=int, help="alerts already in the store of the grown-store run"
+                        " (1 KiB, 16 sensors; 2,000,000; 0: no such run)")
     parser.add_argument("--window", type=int, default=256, help="alerts in flight per sensor (iapd's default: 256)")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered load of the latency runs, alerts/s")
     parser.add_argument("--latency-sensors", type=int, default=16)
@@ -492,6 +508,7 @@ def main() -> int:
     args.sensors = args.sensors or ([1, 16] if smoke else [1, 16, 256])
     args.scale = args.scale or ([1, 50] if smoke else [1, 10, 100, 1000, 10000])
     args.duration = args.duration or (1.0 if smoke else 5.0)
+    args.grown = (20_000 if smoke else 2_000_000) if args.grown is None else args.grown
     args.relp_count = args.relp_count or 100000
     args.prelude_count = args.prelude_count or 60000
     if smoke:
