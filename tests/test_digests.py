@@ -30,6 +30,10 @@ from iapd.store import SCHEMA, AlertRecord, Row, SQLiteBackend, StoreError
 
 SENSORS = ("a.test", "b.test")
 
+OLD_SCHEMA = SCHEMA.replace("    idmef TEXT\n);", "    idmef TEXT,\n    UNIQUE (sensor, sha256)\n);", 1)
+"""The alerts table as earlier versions made it: with its UNIQUE (sensor, sha256)."""
+assert OLD_SCHEMA != SCHEMA
+
 
 def rows(start: int, count: int) -> list[Row]:
     """C{count} distinct alerts, numbered from C{start}, from two sensors."""
@@ -209,9 +213,8 @@ def test_a_file_replaced_by_a_copy_that_went_its_own_way_is_reindexed(path: Path
 
 
 def test_an_old_stores_unique_constraint_catches_what_the_index_lacks(path: Path, logged: Any) -> None:
-    old_schema = SCHEMA.replace("    idmef TEXT\n);", "    idmef TEXT,\n    UNIQUE (sensor, sha256)\n);", 1)
     with sqlite3.connect(path) as db:
-        db.executescript(old_schema)
+        db.executescript(OLD_SCHEMA)
     backend = SQLiteBackend(path)
     backend.open()
     try:
@@ -268,6 +271,30 @@ def test_a_damaged_index_is_rebuilt(path: Path, logged: Any, damage: str) -> Non
     assert "rebuilding the digest index" in text(logged)
 
 
+def test_damaged_table_blocks_are_found_and_the_index_rebuilt(path: Path, logged: Any) -> None:
+    """Blocks of the index's tables damaged in place, as a failing disk would, while no
+    manager runs: the next start (or the first lookup that meets the damage) rebuilds
+    the index from the file, and retransmissions are still recognised."""
+    commit(path, rows(0, 3000))
+    tables = list((path.parent / "alerts.db-digests").glob("*.ldb"))
+    assert tables
+    for table in tables:
+        size = table.stat().st_size
+        assert size > 16384
+        with table.open("r+b") as f:
+            f.seek(8192)
+            f.write(b"\x5a" * (size - 8192 - 300))
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        assert backend.commit(rows(2990, 20), {}) == [False] * 10 + [True] * 10
+        assert "rebuilding the digest index" in text(logged) and "damaged" in text(logged)
+        assert backend.commit(rows(0, 5), {}) == [False] * 5
+    finally:
+        backend.close()
+    assert stored(path) == (3010, 3010)
+
+
 def test_a_missing_index_is_rebuilt(path: Path, logged: Any) -> None:
     commit(path, rows(0, 20))
     shutil.rmtree(path.parent / "alerts.db-digests")
@@ -278,10 +305,8 @@ def test_a_missing_index_is_rebuilt(path: Path, logged: Any) -> None:
 
 def test_a_store_made_by_an_earlier_version_gets_an_index(path: Path, logged: Any) -> None:
     """Earlier versions kept a UNIQUE (sensor, sha256) constraint in the table and no index."""
-    old_schema = SCHEMA.replace("    idmef TEXT\n);", "    idmef TEXT,\n    UNIQUE (sensor, sha256)\n);", 1)
-    assert old_schema != SCHEMA
     with sqlite3.connect(path) as db:
-        db.executescript(old_schema.split("CREATE TABLE IF NOT EXISTS iapd_meta")[0])
+        db.executescript(OLD_SCHEMA.split("CREATE TABLE IF NOT EXISTS iapd_meta")[0])
         for row in rows(0, 40):
             r = row.record
             db.execute("INSERT INTO alerts (sensor, received, content_type, sha256, via, body) VALUES (?, ?, ?, ?, '[]', ?)",
