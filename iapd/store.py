@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from .checkpoint import WalCheckpointer
 from .digests import DigestIndex, DigestIndexError, digest_key, why
 
 SCHEMA = """
@@ -171,6 +172,7 @@ class SQLiteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._checkpoints: WalCheckpointer | None = None
         # beside the file itself: two managers reaching one file through different
         # links must find the same index (and its lock)
         real = path.resolve()
@@ -196,7 +198,8 @@ class SQLiteBackend:
             # WAL passes 1,000 pages) every commit also copied its pages into the
             # database and fsync'd it.  With a larger WAL a page written by many commits
             # is copied once; the file is cut back to the same size after each checkpoint.
-            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            # The copying itself is done by a thread of its own (iapd/checkpoint.py).
+            db.execute("PRAGMA wal_autocheckpoint=0")
             # A WAL frame is a page and a 24-octet header: a limit of WAL_PAGES whole
             # frames keeps a full WAL's file as it is instead of truncating and
             # growing it again each cycle.
@@ -204,6 +207,8 @@ class SQLiteBackend:
             db.executescript(SCHEMA)
             _migrate(db)
             self.digests.open(db)
+            self._checkpoints = WalCheckpointer(self.path, WAL_PAGES)
+            self._checkpoints.start()
         except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error) as e:
             self.digests.close()
             db.close()
@@ -257,6 +262,7 @@ class SQLiteBackend:
             raise
         added = {key: i for key, i in zip(fresh, ids) if i is not None}
         self.digests.committed(list(added.items()))
+        self._checkpoints.committed(db)
         # new: the first of its key in the batch, and inserted
         return [fresh.pop(key, None) is row and key in added for row, key in zip(rows, keys)]
 
@@ -338,8 +344,12 @@ class SQLiteBackend:
                 raise
         finally:
             db.execute("PRAGMA synchronous=FULL")
+        self._checkpoints.committed(db)
 
     def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+            self._checkpoints = None
         self.digests.close()
         if self._db is not None:
             self._db.close()

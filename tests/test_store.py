@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from iapd import store as store_module
@@ -202,9 +204,75 @@ class StoreTests(unittest.TestCase):
             sizes.append(wal.stat().st_size)
         yield store.close()
         self.assertEqual(len(read_alerts(self.path)), 800)
-        # one commit of 20 alerts of 2 KiB writes about 50 pages on top of the limit
-        self.assertLess(max(sizes[10:]), (32 + 80) * (4096 + 24))
+        # one commit of 20 alerts of 2 KiB writes about 50 pages; the store's thread
+        # finishes the checkpoint once a background copy found the limit passed, or the
+        # file at twice the limit
+        self.assertLess(max(sizes[10:]), (2 * 32 + 80) * (4096 + 24))
         self.assertGreater(max(sizes), 32 * 4096 // 2)
+
+    @inlineCallbacks
+    def wait_for(self, condition: Callable[[], bool], what: str) -> Any:
+        for _ in range(200):  # up to 10 s
+            if condition():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"still waiting for {what}")
+
+    @inlineCallbacks
+    def test_checkpoints_are_copied_in_the_background(self) -> Any:
+        """
+        Below the limit the store's thread never checkpoints: the pages reach the
+        database file by the checkpoint thread alone, and closing stops it and removes
+        the log.
+        """
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)  # also when an assertion fails: its thread would hold the process
+        yield store.open()
+        checkpoints = store.backend._checkpoints
+        empty = self.path.stat().st_size
+        yield DeferredList([store.add(record(b"%d " % i + b"x" * 3000)) for i in range(100)])
+        yield self.wait_for(lambda: checkpoints.passes >= 1 and self.path.stat().st_size > empty + 100 * 3000,
+                            "the alerts' pages in the database file")
+        reader = sqlite3.connect(self.path)  # they are there, whichever file holds them
+        self.assertEqual(reader.execute("SELECT count(*) FROM alerts").fetchone()[0], 100)
+        reader.close()
+        thread = checkpoints._thread
+        yield store.close()
+        self.assertFalse(thread.is_alive())
+        self.assertFalse(Path(str(self.path) + "-wal").exists())
+        self.assertEqual(len(read_alerts(self.path)), 100)
+
+    @inlineCallbacks
+    def test_failed_background_checkpoints_fall_back_to_sqlite(self) -> Any:
+        """
+        When the checkpoint thread fails, the store says so once and SQLite's own
+        checkpoints take over: the log stays bounded and nothing is lost.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(store_module, "WAL_PAGES", 32)
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)  # also when an assertion fails: its thread would hold the process
+        yield store.open()
+        checkpoints = store.backend._checkpoints
+        with checkpoints._lock:  # between copies: its next one fails
+            checkpoints._db.close()
+        wal = Path(str(self.path) + "-wal")
+        sizes = []
+        for n in range(40):
+            results = yield DeferredList([store.add(record(b"%d-%d " % (n, i) + b"x" * 2000)) for i in range(20)])
+            self.assertEqual([r for _, r in results], [True] * 20)
+            sizes.append(wal.stat().st_size)
+            if n == 0:
+                yield self.wait_for(lambda: not checkpoints._thread.is_alive(), "the checkpoint thread to stop")
+        errors = [text for text in map(formatEvent, events) if "background checkpoints of" in text]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("Cannot operate on a closed database", errors[0])
+        self.assertIn("the store's thread checkpoints from now on", errors[0])
+        self.assertLess(max(sizes[10:]), (32 + 80) * (4096 + 24))
+        yield store.close()
+        self.assertEqual(len(read_alerts(self.path)), 800)
 
     def test_reader_errors(self) -> None:
         with self.assertRaises(StoreError) as e:

@@ -1,0 +1,135 @@
+"""
+WAL checkpoints of an SQLite store, copied on a thread of their own.
+
+A checkpoint copies what the write-ahead log holds into the database file and fsyncs
+it.  Left to SQLite (C{wal_autocheckpoint}), the commit that pushes the log past its
+limit does that copy itself, on the store's thread, while the next batch waits: with
+4 KiB alerts, about every other commit copied 64 MiB before the store could go on.
+Here a second connection, on its own thread, copies each commit's pages while the
+store's thread is already inserting and committing the next batch, so the disk and
+the processor work at the same time.
+
+That alone is not enough.  SQLite starts the log over only when, as a write begins,
+every frame in it has been copied; under a steady stream of commits the background
+copy is always one commit behind, so the log would never start over and would grow
+without bound.  So once the log holds L{WalCheckpointer.limit} pages, the store's
+thread copies what is left itself (little: the last commit or two, the rest is copied
+already), and its next write starts the log over.
+
+Checkpoints change nothing about durability: every commit has fsync'd the log before
+its alerts are answered.  If the background copy fails, the writer goes back to
+SQLite's own checkpoints, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+from twisted.logger import Logger
+
+
+FRAME = 4096 + 24
+"""A WAL frame: a page (SQLite's default size, which iapd keeps) and its header."""
+
+
+class WalCheckpointer:
+    """
+    Copies the WAL of the SQLite file at C{path} into the database in the background.
+
+    L{committed} is called on the store's thread after each write transaction, with the
+    store's own connection; everything else happens on the checkpoint thread.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        """Pages in the log past which the store's thread finishes the copy itself."""
+        self._wal = Path(str(path) + "-wal")
+        self.passes = 0
+        """Background copies done (for tests and curiosity)."""
+        self._frames = 0  # pages in the log at the last copy
+        self._lock = threading.Lock()  # one copy at a time, whichever thread runs it
+        self._wake = threading.Event()
+        self._stopping = False
+        self._failed: str | None = None
+        self._fell_back = False
+        self._db: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Open the second connection and start the thread; raises C{sqlite3.Error}."""
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            # the copy fsyncs the database file after writing it, as SQLite's own does
+            db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error:
+            db.close()
+            raise
+        self._db = db
+        self._thread = threading.Thread(target=self._run, name="iapd-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self, db: sqlite3.Connection) -> None:
+        """After a write transaction on the store's connection C{db}: have its pages copied."""
+        if self._failed is not None:
+            if not self._fell_back:
+                self._fell_back = True
+                db.execute(f"PRAGMA wal_autocheckpoint={self.limit}")
+                self.log.error("background checkpoints of {path} failed ({why}); the store's thread"
+                               " checkpoints from now on", path=str(self.path), why=self._failed)
+            return
+        try:
+            size = os.stat(self._wal).st_size
+        except OSError:
+            size = 0
+        # The log as the last copy found it; or its file, should copies be slow to come
+        # round: a log that is started over stays at its size, so a file of twice the
+        # limit means the log has not been started over for that long.
+        if self._frames < self.limit and size <= 2 * self.limit * FRAME:
+            self._wake.set()
+            return
+        try:
+            with self._lock:  # waits for a copy under way: it copies most of what is left
+                busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:
+            # the transaction is committed and must be answered as such; the next
+            # commit tries again
+            self.log.error("checkpoint of {path} failed: {why}", path=str(self.path), why=f"{type(e).__name__}: {e}")
+            return
+        # everything copied: the next write starts the log over (unless a reader still
+        # reads old frames; then the log goes on growing until it is done, and each
+        # commit tries again, as SQLite's own checkpoints would)
+        self._frames = frames if busy or copied < frames else 0
+
+    def _run(self) -> None:
+        assert self._db is not None
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                with self._lock:
+                    busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as e:
+                self._failed = f"{type(e).__name__}: {e}"
+                return
+            self._frames = max(frames, 0)
+            self.passes += 1
+
+    def close(self) -> None:
+        """Stop the thread and close its connection (before the store's own, which
+        then makes the last checkpoint and removes the log)."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
