@@ -12,9 +12,11 @@ the processor work at the same time.
 That alone is not enough.  SQLite starts the log over only when, as a write begins,
 every frame in it has been copied; under a steady stream of commits the background
 copy is always one commit behind, so the log would never start over and would grow
-without bound.  So once the log holds L{WalCheckpointer.limit} pages, the store's
-thread copies what is left itself (little: the last commit or two, the rest is copied
-already), and its next write starts the log over.
+without bound.  So once a background copy has found L{WalCheckpointer.limit} pages in
+the log, or the log's file has grown to twice that, the store's thread waits for the
+copy under way and copies what is left itself, and its next write starts the log over.
+So the log may reach about twice the limit and a commit, where SQLite's own
+checkpoints would stop at the limit and a commit.
 
 Checkpoints change nothing about durability: every commit has fsync'd the log before
 its alerts are answered.  If the background copy fails, the writer goes back to
@@ -39,8 +41,9 @@ class WalCheckpointer:
     """
     Copies the WAL of the SQLite file at C{path} into the database in the background.
 
-    L{committed} is called on the store's thread after each write transaction, with the
-    store's own connection; everything else happens on the checkpoint thread.
+    L{start}, L{committed} and L{close} are called on the store's thread (L{committed}
+    after each write transaction, with the store's own connection); the background
+    copies run on the checkpoint thread.
     """
 
     log = Logger()
@@ -52,6 +55,8 @@ class WalCheckpointer:
         self._wal = Path(str(path) + "-wal")
         self.passes = 0
         """Background copies done (for tests and curiosity)."""
+        self.finished = 0
+        """Copies the store's thread finished itself, past the limit."""
         self._frames = 0  # pages in the log at the last copy
         self._lock = threading.Lock()  # one copy at a time, whichever thread runs it
         self._wake = threading.Event()
@@ -78,8 +83,13 @@ class WalCheckpointer:
         """After a write transaction on the store's connection C{db}: have its pages copied."""
         if self._failed is not None:
             if not self._fell_back:
+                try:
+                    db.execute(f"PRAGMA wal_autocheckpoint={self.limit}")
+                except sqlite3.Error as e:  # tried again after the next commit
+                    self.log.error("checkpoints of {path} cannot be handed back to SQLite: {why}",
+                                   path=str(self.path), why=f"{type(e).__name__}: {e}")
+                    return
                 self._fell_back = True
-                db.execute(f"PRAGMA wal_autocheckpoint={self.limit}")
                 self.log.error("background checkpoints of {path} failed ({why}); the store's thread"
                                " checkpoints from now on", path=str(self.path), why=self._failed)
             return
@@ -96,15 +106,16 @@ class WalCheckpointer:
         try:
             with self._lock:  # waits for a copy under way: it copies most of what is left
                 busy, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                self.finished += 1
+                # All copied: the next write starts the log over.  Otherwise (another
+                # process checkpointing, busy with -1 frames; or a reader still reading
+                # old pages) the next commit tries again, as SQLite's own would.
+                if not busy and 0 <= frames == copied:
+                    self._frames = 0
         except sqlite3.Error as e:
             # the transaction is committed and must be answered as such; the next
             # commit tries again
             self.log.error("checkpoint of {path} failed: {why}", path=str(self.path), why=f"{type(e).__name__}: {e}")
-            return
-        # everything copied: the next write starts the log over (unless a reader still
-        # reads old frames; then the log goes on growing until it is done, and each
-        # commit tries again, as SQLite's own checkpoints would)
-        self._frames = frames if busy or copied < frames else 0
 
     def _run(self) -> None:
         assert self._db is not None
@@ -116,10 +127,11 @@ class WalCheckpointer:
             try:
                 with self._lock:
                     busy, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as e:
+                    if frames >= 0:  # -1: another process was checkpointing
+                        self._frames = frames
+            except Exception as e:
                 self._failed = f"{type(e).__name__}: {e}"
                 return
-            self._frames = max(frames, 0)
             self.passes += 1
 
     def close(self) -> None:

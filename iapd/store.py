@@ -161,7 +161,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 WAL_PAGES = 16384
-"""Pages the SQLite WAL may hold before a checkpoint (64 MiB with 4 KiB pages)."""
+"""Pages in the SQLite WAL (64 MiB with 4 KiB pages) past which the store's thread
+finishes the checkpoint itself (L{WalCheckpointer}) and the WAL is started over."""
 
 
 class SQLiteBackend:
@@ -196,20 +197,21 @@ class SQLiteBackend:
             # by an earlier version, whose UNIQUE (sensor, sha256) index puts each alert
             # on a random leaf, some 4,000).  At SQLite's default (a checkpoint once the
             # WAL passes 1,000 pages) every commit also copied its pages into the
-            # database and fsync'd it.  With a larger WAL a page written by many commits
-            # is copied once; the file is cut back to the same size after each checkpoint.
-            # The copying itself is done by a thread of its own (iapd/checkpoint.py).
+            # database and fsync'd it, on the store's thread.  Now a thread of its own
+            # copies each commit's pages while the next batch is committed, and the
+            # store's thread only finishes the copy once the WAL passes WAL_PAGES
+            # (iapd/checkpoint.py).
             db.execute("PRAGMA wal_autocheckpoint=0")
-            # A WAL frame is a page and a 24-octet header: a limit of WAL_PAGES whole
-            # frames keeps a full WAL's file as it is instead of truncating and
-            # growing it again each cycle.
+            # A WAL frame is a page and a 24-octet header: when the WAL starts over, its
+            # file is cut back to WAL_PAGES whole frames, not to nothing, so that it is
+            # not grown again each cycle.
             db.execute(f"PRAGMA journal_size_limit={32 + WAL_PAGES * (4096 + 24)}")
             db.executescript(SCHEMA)
             _migrate(db)
             self.digests.open(db)
             self._checkpoints = WalCheckpointer(self.path, WAL_PAGES)
             self._checkpoints.start()
-        except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error) as e:
+        except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error, RuntimeError) as e:
             self.digests.close()
             db.close()
             raise StoreError(f"cannot open SQLite store {self.path}: {why(e)}") from None
@@ -451,7 +453,11 @@ class GroupCommitStore:
     def _open_backend(self) -> bool:
         """Open the database; whether alerts wait for their summary (after a crash)."""
         self.backend.open()
-        return self._defer_summaries and bool(self.backend.pending_summaries(1))
+        try:
+            return self._defer_summaries and bool(self.backend.pending_summaries(1))
+        except BaseException:
+            self.backend.close()  # not open as far as the rest knows: close() would skip it
+            raise
 
     def _in_thread(self, f: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, f, *args)

@@ -202,7 +202,12 @@ class StoreTests(unittest.TestCase):
         for n in range(40):
             yield DeferredList([store.add(record(b"%d-%d " % (n, i) + b"x" * 2000)) for i in range(20)])
             sizes.append(wal.stat().st_size)
+        checkpoints = store.backend._checkpoints
+        passes, finished = checkpoints.passes, checkpoints.finished
         yield store.close()
+        self.assertGreater(passes, 0)  # copies made in the background
+        self.assertGreater(finished, 0)  # and finished by the store's thread past the limit
+        self.assertLess(finished, 40)
         self.assertEqual(len(read_alerts(self.path)), 800)
         # one commit of 20 alerts of 2 KiB writes about 50 pages; the store's thread
         # finishes the checkpoint once a background copy found the limit passed, or the
@@ -226,7 +231,7 @@ class StoreTests(unittest.TestCase):
         the log.
         """
         store = SQLiteStore(self.path, reactor)
-        self.addCleanup(store.close)  # also when an assertion fails: its thread would hold the process
+        self.addCleanup(store.close)  # also when an assertion fails: the store's thread would hold the process
         yield store.open()
         checkpoints = store.backend._checkpoints
         empty = self.path.stat().st_size
@@ -236,6 +241,7 @@ class StoreTests(unittest.TestCase):
         reader = sqlite3.connect(self.path)  # they are there, whichever file holds them
         self.assertEqual(reader.execute("SELECT count(*) FROM alerts").fetchone()[0], 100)
         reader.close()
+        self.assertEqual(checkpoints.finished, 0)
         thread = checkpoints._thread
         yield store.close()
         self.assertFalse(thread.is_alive())
@@ -253,7 +259,7 @@ class StoreTests(unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.patch(store_module, "WAL_PAGES", 32)
         store = SQLiteStore(self.path, reactor)
-        self.addCleanup(store.close)  # also when an assertion fails: its thread would hold the process
+        self.addCleanup(store.close)  # also when an assertion fails: the store's thread would hold the process
         yield store.open()
         checkpoints = store.backend._checkpoints
         with checkpoints._lock:  # between copies: its next one fails
