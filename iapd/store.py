@@ -212,6 +212,9 @@ class SQLiteBackend:
             self._checkpoints = WalCheckpointer(self.path, WAL_PAGES)
             self._checkpoints.start()
         except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error, RuntimeError) as e:
+            if self._checkpoints is not None:
+                self._checkpoints.close()
+                self._checkpoints = None
             self.digests.close()
             db.close()
             raise StoreError(f"cannot open SQLite store {self.path}: {why(e)}") from None
