@@ -95,6 +95,30 @@ def utcnow() -> str:
     return f"{_second[1]}.{int((now - second) * 1e6):06d}+00:00"
 
 
+_GIL_HELD_BELOW = 2048
+"""hashlib lets other threads run while it hashes this many octets or more at once
+(documented: "the GIL is released for data larger than 2047 bytes")."""
+
+
+def body_digest(body: bytes) -> str:
+    """
+    The SHA-256 of an alert body, in hex, hashed in pieces that keep the GIL.
+
+    The reactor hashes every alert.  Given 4 KiB at once, hashlib lets the GIL go,
+    hashes, and then waits to win it back from the store's threads: 9.6 us per alert in
+    a 16-sensor run instead of 3.4, a fifth of the reactor's time, and, behind a thread
+    busy in Python (a summary pass), up to a switch interval of 5 ms per alert (800 us
+    on average, measured alone).  In pieces below the threshold it costs 3.9 us.
+    """
+    if len(body) < _GIL_HELD_BELOW:
+        return hashlib.sha256(body).hexdigest()
+    h = hashlib.sha256()
+    view = memoryview(body)
+    for start in range(0, len(view), _GIL_HELD_BELOW - 1):
+        h.update(view[start:start + _GIL_HELD_BELOW - 1])
+    return h.hexdigest()
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class AlertRecord:
     """One received alert, as the manager hands it to the store."""
@@ -105,7 +129,7 @@ class AlertRecord:
     via: tuple[str, ...] = ()
     peer: str | None = None
     received: str = attr.Factory(utcnow)
-    sha256: str = attr.ib(default=attr.Factory(lambda self: hashlib.sha256(self.body).hexdigest(), takes_self=True))
+    sha256: str = attr.ib(default=attr.Factory(lambda self: body_digest(self.body), takes_self=True))
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

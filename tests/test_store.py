@@ -4,6 +4,7 @@ The SQLite store: group commit, deduplication, failures, opening and closing.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from iapd import store as store_module
-from iapd.store import AlertRecord, SQLiteStore, StoreError, read_alerts, read_sensors
+from iapd.store import AlertRecord, SQLiteStore, StoreError, body_digest, read_alerts, read_sensors
 
 from .support import IDEF, OK, content
 from .test_manager import ManagerCase, within
@@ -25,6 +26,15 @@ S503 = b"IAP/0.2 503\r\n\r\n"
 
 def record(body: bytes, sensor: str = "s1.test") -> AlertRecord:
     return AlertRecord(sensor=sensor, content_type=IDEF, body=body, via=("p.test",), peer="127.0.0.1:1")
+
+
+class DigestTests(unittest.TestCase):
+    def test_body_digest_is_the_sha256_of_the_body(self) -> None:
+        """Hashed in pieces or at once, around every piece boundary: the same digest."""
+        body = bytes(range(256)) * 4100
+        for size in (0, 1, 2046, 2047, 2048, 2049, 4093, 4094, 4095, 4096, 1 << 20, len(body)):
+            self.assertEqual(body_digest(body[:size]), hashlib.sha256(body[:size]).hexdigest(), size)
+        self.assertEqual(record(b"x" * 5000).sha256, hashlib.sha256(b"x" * 5000).hexdigest())
 
 
 class StoreTests(unittest.TestCase):
