@@ -5,7 +5,8 @@ A checkpoint copies what the write-ahead log holds into the database file and fs
 it.  Left to SQLite (C{wal_autocheckpoint}), the commit that pushes the log past its
 limit does that copy itself, on the store's thread, while the next batch waits: with
 4 KiB alerts, about every other commit copied 64 MiB before the store could go on.
-Here a second connection, on its own thread, copies each commit's pages while the
+Here a second connection, on its own thread, copies the log (once an eighth of the
+limit has been written since the last copy: under load, every commit or two) while the
 store's thread is already inserting and committing the next batch, so the disk and
 the processor work at the same time.
 
@@ -58,6 +59,7 @@ class WalCheckpointer:
         self.finished = 0
         """Copies the store's thread finished itself, past the limit."""
         self._frames = 0  # pages in the log at the last copy
+        self._written = 0  # octets committed since a copy was last asked for
         self._lock = threading.Lock()  # one copy at a time, whichever thread runs it
         self._wake = threading.Event()
         self._stopping = False
@@ -79,8 +81,11 @@ class WalCheckpointer:
         self._thread = threading.Thread(target=self._run, name="iapd-checkpoint", daemon=True)
         self._thread.start()
 
-    def committed(self, db: sqlite3.Connection) -> None:
-        """After a write transaction on the store's connection C{db}: have its pages copied."""
+    def committed(self, db: sqlite3.Connection, written: int) -> None:
+        """
+        After a write transaction on the store's connection C{db}, which wrote about
+        C{written} octets: have the log copied when enough has gathered.
+        """
         if self._failed is not None:
             if not self._fell_back:
                 try:
@@ -101,7 +106,13 @@ class WalCheckpointer:
         # round: a log that is started over stays at its size, so a file of twice the
         # limit means the log has not been started over for that long.
         if self._frames < self.limit and size <= 2 * self.limit * FRAME:
-            self._wake.set()
+            # A copy of its own for every commit would cost a slow trickle of alerts
+            # two more fsyncs each (and copy a page written by many commits many
+            # times): ask for one once an eighth of the limit has been written.
+            self._written += written
+            if self._written >= self.limit * FRAME // 8:
+                self._written = 0
+                self._wake.set()
             return
         try:
             with self._lock:  # waits for a copy under way: it copies most of what is left

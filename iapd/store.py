@@ -222,7 +222,7 @@ class SQLiteBackend:
             # on a random leaf, some 4,000).  At SQLite's default (a checkpoint once the
             # WAL passes 1,000 pages) every commit also copied its pages into the
             # database and fsync'd it, on the store's thread.  Now a thread of its own
-            # copies each commit's pages while the next batch is committed, and the
+            # copies the WAL while the next batch is committed, and the
             # store's thread only finishes the copy once the WAL passes WAL_PAGES
             # (iapd/checkpoint.py).
             db.execute("PRAGMA wal_autocheckpoint=0")
@@ -291,7 +291,7 @@ class SQLiteBackend:
             raise
         added = {key: i for key, i in zip(fresh, ids) if i is not None}
         self.digests.committed(list(added.items()))
-        self._checkpoints.committed(db)
+        self._checkpoints.committed(db, sum(len(row.record.body) for row in fresh.values()))
         # new: the first of its key in the batch, and inserted
         return [fresh.pop(key, None) is row and key in added for row, key in zip(rows, keys)]
 
@@ -373,7 +373,8 @@ class SQLiteBackend:
                 raise
         finally:
             db.execute("PRAGMA synchronous=FULL")
-        self._checkpoints.committed(db)
+        # each UPDATE writes its row again, body and all; the bodies are not at hand
+        self._checkpoints.committed(db, sum(len(j) for _, j in summaries))
 
     def close(self) -> None:
         if self._checkpoints is not None:

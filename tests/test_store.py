@@ -236,16 +236,19 @@ class StoreTests(unittest.TestCase):
     @inlineCallbacks
     def test_checkpoints_are_copied_in_the_background(self) -> Any:
         """
-        Below the limit the store's thread never checkpoints: the pages reach the
-        database file by the checkpoint thread alone, and closing stops it and removes
-        the log.
+        A copy is asked for once an eighth of the limit has been written, and below
+        the limit the store's thread never checkpoints: the pages reach the database
+        file by the checkpoint thread alone, and closing stops it and removes the log.
         """
+        self.patch(store_module, "WAL_PAGES", 512)  # a copy is asked for every 64 pages written
         store = SQLiteStore(self.path, reactor)
         self.addCleanup(store.close)  # also when an assertion fails: the store's thread would hold the process
         yield store.open()
         checkpoints = store.backend._checkpoints
         empty = self.path.stat().st_size
-        yield DeferredList([store.add(record(b"%d " % i + b"x" * 3000)) for i in range(100)])
+        yield DeferredList([store.add(record(b"%d " % i + b"x" * 3000)) for i in range(30)])
+        self.assertEqual(checkpoints.passes, 0)  # 90 KB: not enough to ask for a copy
+        yield DeferredList([store.add(record(b"%d " % i + b"x" * 3000)) for i in range(30, 100)])
         yield self.wait_for(lambda: checkpoints.passes >= 1 and self.path.stat().st_size > empty + 100 * 3000,
                             "the alerts' pages in the database file")
         reader = sqlite3.connect(self.path)  # they are there, whichever file holds them
