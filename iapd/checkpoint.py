@@ -5,8 +5,8 @@ A checkpoint copies what the write-ahead log holds into the database file and fs
 it.  Left to SQLite (C{wal_autocheckpoint}), the commit that pushes the log past its
 limit does that copy itself, on the store's thread, while the next batch waits: with
 4 KiB alerts, about every other commit copied 64 MiB before the store could go on.
-Here a second connection, on its own thread, copies the log (once an eighth of the
-limit has been written since the last copy: under load, every commit or two) while the
+Here a second connection, on its own thread, copies the log (once 1 MiB has been
+written since the last copy: under load, after every commit) while the
 store's thread is already inserting and committing the next batch, so the disk and
 the processor work at the same time.
 
@@ -108,9 +108,10 @@ class WalCheckpointer:
         if self._frames < self.limit and size <= 2 * self.limit * FRAME:
             # A copy of its own for every commit would cost a slow trickle of alerts
             # two more fsyncs each (and copy a page written by many commits many
-            # times): ask for one once an eighth of the limit has been written.
+            # times): ask for one once a sixty-fourth of the limit (1 MiB) has been
+            # written, which under load every commit does.
             self._written += written
-            if self._written >= self.limit * FRAME // 8:
+            if self._written >= self.limit * FRAME // 64:
                 self._written = 0
                 self._wake.set()
             return

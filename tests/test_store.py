@@ -236,11 +236,11 @@ class StoreTests(unittest.TestCase):
     @inlineCallbacks
     def test_checkpoints_are_copied_in_the_background(self) -> Any:
         """
-        A copy is asked for once an eighth of the limit has been written, and below
+        A copy is asked for once a sixty-fourth of the limit has been written, and below
         the limit the store's thread never checkpoints: the pages reach the database
         file by the checkpoint thread alone, and closing stops it and removes the log.
         """
-        self.patch(store_module, "WAL_PAGES", 512)  # a copy is asked for every 64 pages written
+        self.patch(store_module, "WAL_PAGES", 2048)  # a copy is asked for every 32 pages written
         store = SQLiteStore(self.path, reactor)
         self.addCleanup(store.close)  # also when an assertion fails: the store's thread would hold the process
         yield store.open()
