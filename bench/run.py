@@ -1,7 +1,7 @@
 """
 iapd against itself and its peers, on one machine, in one run.
 
-    python3 bench/run.py              # full run (about 10-15 minutes), needs root for the peers
+    python3 bench/run.py              # full run (about 20 minutes), needs root for the peers
     python3 bench/run.py --smoke      # under a minute, no peers: checks that the harness works
     bench/install-peers               # rsyslog RELP and Prelude from Debian's packages
 
