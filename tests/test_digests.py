@@ -360,36 +360,46 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     from tests.test_digests import rows
+    from iapd import store
     from iapd.store import SQLiteBackend
 
+    if sys.argv[3] != "default":
+        store.WAL_PAGES = int(sys.argv[3])
     backend = SQLiteBackend(Path(sys.argv[1]))
     backend.open()
+    checkpoints = backend._checkpoints
     n = 0
     while n < 1_000_000:
         backend.commit(rows(n, 200), {})
-        print(n + 200, flush=True)
+        print(n + 200, checkpoints.passes, checkpoints.finished, flush=True)
         n += 200
 """)
 
 
-def test_sigkill_while_committing_neither_loses_nor_doubles(path: Path) -> None:
+@pytest.mark.parametrize("wal_pages", ["default", "16"])
+def test_sigkill_while_committing_neither_loses_nor_doubles(path: Path, wal_pages: str) -> None:
     """A real process committing batches as fast as it can, killed mid-flight; then every
-    batch it may have committed comes again, as the sensors would send it."""
+    batch it may have committed comes again, as the sensors would send it.  With a WAL
+    limit of 16 pages the kill lands among background checkpoints and ones the
+    committing thread finishes itself."""
     root = str(Path(__file__).resolve().parents[1])
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), root], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), root, wal_pages], stdout=subprocess.PIPE,
+                             text=True)
     try:
         assert child.stdout is not None
-        acknowledged = 0
+        acknowledged = passes = finished = 0
         for line in child.stdout:
-            acknowledged = int(line)
+            acknowledged, passes, finished = map(int, line.split())
             if acknowledged >= 4000:
                 os.kill(child.pid, signal.SIGKILL)
                 break
-        acknowledged = max([acknowledged] + [int(line) for line in child.stdout.read().split()])
+        acknowledged = max([acknowledged] + [int(line.split()[0]) for line in child.stdout.read().splitlines()])
     finally:
         child.kill()
         child.wait(30)
     assert acknowledged >= 4000
+    if wal_pages != "default":
+        assert passes > 0 and finished > 0
     count, distinct = stored(path)
     # every batch acknowledged is there, and at most the one in flight besides
     assert count == distinct and count % 200 == 0 and acknowledged <= count <= acknowledged + 200
