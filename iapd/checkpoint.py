@@ -33,6 +33,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from .digests import why
+
 
 FRAME = 4096 + 24
 """A WAL frame: a page (SQLite's default size, which iapd keeps) and its header."""
@@ -92,7 +94,7 @@ class WalCheckpointer:
                     db.execute(f"PRAGMA wal_autocheckpoint={self.limit}")
                 except sqlite3.Error as e:  # tried again after the next commit
                     self.log.error("checkpoints of {path} cannot be handed back to SQLite: {why}",
-                                   path=str(self.path), why=f"{type(e).__name__}: {e}")
+                                   path=str(self.path), why=why(e))
                     return
                 self._fell_back = True
                 self.log.error("background checkpoints of {path} failed ({why}); the store's thread"
@@ -127,7 +129,7 @@ class WalCheckpointer:
         except sqlite3.Error as e:
             # the transaction is committed and must be answered as such; the next
             # commit tries again
-            self.log.error("checkpoint of {path} failed: {why}", path=str(self.path), why=f"{type(e).__name__}: {e}")
+            self.log.error("checkpoint of {path} failed: {why}", path=str(self.path), why=why(e))
 
     def _run(self) -> None:
         assert self._db is not None
@@ -142,7 +144,7 @@ class WalCheckpointer:
                     if frames >= 0:  # -1: another process was checkpointing
                         self._frames = frames
             except Exception as e:
-                self._failed = f"{type(e).__name__}: {e}"
+                self._failed = why(e)
                 return
             self.passes += 1
 
