@@ -36,6 +36,19 @@ class DigestTests(unittest.TestCase):
             self.assertEqual(body_digest(body[:size]), hashlib.sha256(body[:size]).hexdigest(), size)
         self.assertEqual(record(b"x" * 5000).sha256, hashlib.sha256(b"x" * 5000).hexdigest())
 
+    def test_a_record_is_hashed_when_its_digest_is_first_needed(self) -> None:
+        """The reactor builds records and never needs their digest; the store's thread
+        asks for it.  Computed once, and no part of what makes two records equal."""
+        fresh = record(b"y" * 4096)
+        self.assertIsNone(fresh._digest)  # building it hashed nothing
+        digest = fresh.sha256
+        self.assertEqual(digest, hashlib.sha256(b"y" * 4096).hexdigest())
+        self.assertIs(fresh.sha256, digest)
+        twin = AlertRecord(sensor=fresh.sensor, content_type=fresh.content_type, body=fresh.body,
+                           via=fresh.via, peer=fresh.peer, received=fresh.received)
+        self.assertEqual(twin, fresh)
+        self.assertEqual(hash(twin), hash(fresh))
+
 
 class StoreTests(unittest.TestCase):
     def setUp(self) -> None:
@@ -476,6 +489,54 @@ class DeferredSummaryTests(unittest.TestCase):
         summarised = yield done
         self.assertGreater(summarised, 0)
         yield store.close()
+
+    @inlineCallbacks
+    def test_a_sensor_waiting_for_its_answers_is_not_held_back_by_summaries(self) -> Any:
+        """
+        One sensor sends its next alert as soon as it has the answer for the last: the
+        queue is empty at the end of every commit, but the store is not idle, and a
+        summary pass then would hold back the next alert.  Passes wait until the store
+        has been quiet, or until SUMMARY_EVERY commits have gone by without one.
+        """
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import deferLater
+
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        store.SUMMARY_DELAY = 3600  # passes of full batches only
+        store.SUMMARY_QUIET = 2.0  # the next alert comes in the same reactor turn anyway
+        yield store.open()
+        yield DeferredList([store.add(record(IDMEF_ALERT % (i, i))) for i in range(3 * store.SUMMARY_BATCH)])
+        done: Deferred[list[int]] = Deferred()
+        summarised_at_each_answer: list[int] = []
+        waves = 2 * store.SUMMARY_EVERY
+
+        def wave(_: Any, n: int) -> None:
+            summarised_at_each_answer.append(sum(1 for s in raw_summaries(self.path) if s is not None))
+            if n == waves:
+                done.callback(summarised_at_each_answer)
+                return
+            store.add(record(IDMEF_ALERT % (1000 + n, 0))).addCallback(wave, n + 1)
+
+        store.add(record(b"first")).addCallback(wave, 0)
+        counts = yield done
+        # a pass only once SUMMARY_EVERY commits have gone by (the first commits count
+        # too), so that summaries advance all the same, but never between two answers
+        passes = [n for n, (before, after) in enumerate(zip([0] + counts, counts)) if after > before]
+        self.assertEqual(len(passes), 2, counts)
+        self.assertGreaterEqual(passes[0], store.SUMMARY_EVERY // 2, counts)
+        self.assertGreaterEqual(passes[1] - passes[0], store.SUMMARY_EVERY, counts)
+        self.assertEqual(counts[-1], 2 * store.SUMMARY_BATCH)
+        # once the sensor has stopped and the store has been quiet, the next full
+        # batch is summarised without waiting for more commits
+        for _ in range(100):
+            now = sum(1 for s in raw_summaries(self.path) if s is not None)
+            if now > counts[-1]:
+                break
+            yield deferLater(reactor, 0.05)
+        self.assertEqual(now, 3 * store.SUMMARY_BATCH)
+        yield store.summarised()
+        self.assertNotIn(None, raw_summaries(self.path))
 
     @inlineCallbacks
     def test_duplicates_in_one_batch(self) -> Any:
