@@ -493,10 +493,11 @@ class DeferredSummaryTests(unittest.TestCase):
     @inlineCallbacks
     def test_a_sensor_waiting_for_its_answers_is_not_held_back_by_summaries(self) -> Any:
         """
-        One sensor sends its next alert as soon as it has the answer for the last: the
-        queue is empty at the end of every commit, but the store is not idle, and a
-        summary pass then would hold back the next alert.  Passes wait until the store
-        has been quiet, or until SUMMARY_EVERY commits have gone by without one.
+        One sensor keeps a window of alerts in flight and sends the next window as soon
+        as it has the answers for the last: the queue is empty at the end of every
+        commit, but the store is not idle, and a summary pass then would hold back the
+        next window.  After such large commits, passes wait until the store has been
+        quiet, or until SUMMARY_EVERY commits have gone by without one.
         """
         from twisted.internet.defer import Deferred
         from twisted.internet.task import deferLater
@@ -516,10 +517,11 @@ class DeferredSummaryTests(unittest.TestCase):
             if n == waves:
                 done.callback(summarised_at_each_answer)
                 return
-            store.add(record(IDMEF_ALERT % (1000 + n, 0))).addCallback(wave, n + 1)
+            window = [record(b"wave %d alert %d" % (n, i)) for i in range(store.SUMMARY_LARGE_COMMIT)]
+            store.add_many(window).addCallback(wave, n + 1)  # one read, one commit
 
-        store.add(record(b"first")).addCallback(wave, 0)
-        counts = yield done
+        wave(None, 0)
+        counts = (yield done)[1:]
         # a pass only once SUMMARY_EVERY commits have gone by (the first commits count
         # too), so that summaries advance all the same, but never between two answers
         passes = [n for n, (before, after) in enumerate(zip([0] + counts, counts)) if after > before]
@@ -537,6 +539,19 @@ class DeferredSummaryTests(unittest.TestCase):
         self.assertEqual(now, 3 * store.SUMMARY_BATCH)
         yield store.summarised()
         self.assertNotIn(None, raw_summaries(self.path))
+
+    @inlineCallbacks
+    def test_after_small_commits_a_pass_starts_once_nothing_waits(self) -> Any:
+        """A light load (an alert or two a commit) does not wait for a quiet store: a
+        pass starts as soon as no alert waits, so that passes stay small."""
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        store.SUMMARY_DELAY = store.SUMMARY_QUIET = 3600
+        store.SUMMARY_EVERY = 10**6
+        yield store.open()
+        for i in range(store.SUMMARY_BATCH):
+            yield store.add(record(IDMEF_ALERT % (i, i)))
+        yield self.wait_summarised(store)
 
     @inlineCallbacks
     def test_duplicates_in_one_batch(self) -> Any:
