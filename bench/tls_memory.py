@@ -1,0 +1,162 @@
+"""
+Where the manager's memory per idle TLS sensor goes: OpenSSL's share, measured alone.
+
+    python3 bench/tls_memory.py           # a few seconds: 500 connections per variant
+    python3 bench/tls_memory.py --smoke   # for CI: checks the harness still works
+
+C{bench/run.py} measures the whole manager (about 50 KiB per idle sensor, against a goal
+of 20).  This takes the connection objects apart, in one process, with in-memory TLS
+between a manager context and a sensor context made as iapd makes them (iapd/tls.py,
+the benchmark's own test PKI).  For each variant it keeps N manager-side connections
+and prints the C heap they hold each (glibc C{mallinfo2} after C{malloc_trim}; Python's
+own objects are not in it), compared with the first row, the floor:
+
+  SSL_new, bare context     OpenSSL's connection object alone: no certificate, no BIO
+  manager, before any byte  the manager's context and Twisted's two memory BIOs
+  after the handshake       a mutual-auth TLS 1.3 handshake and one alert each way
+  ... P-256 only            the same, the manager offering no post-quantum hybrid group
+  ... no client cert        the same, the manager asking for no client certificate
+
+Nothing is asserted about the sizes; the run fails if a handshake does not complete or
+the manager did not get the sensor's certificate where it asked for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (puts this checkout's iapd first on the path)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def c_heap() -> int:
+    """Octets the C heap has handed out and not taken back."""
+    gc.collect()
+    _libc.malloc_trim(0)
+    info = _libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def pump(client: Any, server: Any) -> None:
+    """Move records between two memory-BIO connections until neither has more to say."""
+    from OpenSSL import SSL
+
+    for _ in range(64):
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except SSL.WantReadError:
+                pass
+        moved = False
+        for source, sink in ((client, server), (server, client)):
+            try:
+                data = source.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            if data:
+                sink.bio_write(data)
+                moved = True
+        if not moved:
+            return
+    raise common.BenchError("the in-memory handshake did not settle in 64 rounds")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--connections", type=int, default=500)
+    parser.add_argument("--smoke", action="store_true", help="20 connections: checks the harness, figures mean little")
+    args = parser.parse_args()
+    count = 20 if args.smoke else args.connections
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from OpenSSL import SSL, crypto
+    from twisted.internet import ssl as tssl
+
+    from iapd import tls
+
+    pki = common.make_pki(Path(tempfile.mkdtemp(prefix="iapd-tlsmem-")))
+    manager = tls.load_material(pki / f"{common.MANAGER}.crt", pki / f"{common.MANAGER}.key", pki / "ca.crt")
+    sensor = tls.load_material(pki / f"{common.SENSOR}.crt", pki / f"{common.SENSOR}.key", pki / "ca.crt")
+    sensor_context = tssl.CertificateOptions(
+        privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, sensor.key_pem),
+        certificate=tls.to_pyopenssl(sensor.certificate),
+        trustRoot=tls.trust_root(sensor),
+        **tls.tls_profile(),
+    ).getContext()
+
+    def manager_context(variant: str) -> Any:
+        context = tls.server_options(manager).getContext()
+        if variant == "p256":
+            context.set_tmp_ecdh(ec.SECP256R1())
+        if variant == "no client cert":
+            context.set_verify(SSL.VERIFY_NONE)
+        return context
+
+    def connected(variant: str) -> Callable[[], Any]:
+        context = manager_context(variant)
+
+        def one() -> Any:
+            server = SSL.Connection(context, None)
+            server.set_accept_state()
+            client = SSL.Connection(sensor_context, None)
+            client.set_connect_state()
+            pump(client, server)
+            client.send(b"x" * 1024)
+            pump(client, server)
+            if server.recv(65536) != b"x" * 1024:
+                raise common.BenchError(f"{variant}: the alert did not come through")
+            server.send(b"IAP/0.2 200 OK\r\n\r\n")
+            pump(client, server)
+            client.recv(65536)
+            if server.get_protocol_version_name() != "TLSv1.3":
+                raise common.BenchError(f"{variant}: negotiated {server.get_protocol_version_name()}")
+            if (server.get_peer_certificate() is None) != (variant == "no client cert"):
+                raise common.BenchError(f"{variant}: the manager has the wrong idea of the sensor's certificate")
+            return server  # the client side is dropped: only the manager's half is kept
+
+        return one
+
+    from OpenSSL._util import ffi, lib  # the bindings pyOpenSSL itself uses
+
+    bare = SSL.Context(SSL.TLS_METHOD)
+    fresh_context = manager_context("default")
+    variants: list[tuple[str, Callable[[], Any]]] = [
+        ("SSL_new, bare context", lambda: ffi.gc(lib.SSL_new(bare._context), lib.SSL_free)),
+        ("manager, before any byte", lambda: SSL.Connection(fresh_context, None)),
+        ("after the handshake", connected("default")),
+        ("... P-256 only", connected("p256")),
+        ("... no client cert", connected("no client cert")),
+    ]
+    print(f"C heap per manager-side connection, {count} connections each"
+          f" ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()})")
+    print(f"{'variant':28} {'KiB':>7} {'vs floor':>9}")
+    floor = 0.0
+    for name, make in variants:
+        keep = [make() for _ in range(5)]  # warm up: caches and first allocations
+        before = c_heap()
+        keep += [make() for _ in range(count)]
+        per = (c_heap() - before) / count / 1024
+        floor = floor or per
+        print(f"{name:28} {per:7.1f} {per / floor:8.2f}x", flush=True)
+        del keep
+
+
+if __name__ == "__main__":
+    main()
