@@ -109,8 +109,10 @@ def body_digest(body: bytes) -> str:
     alert in a 16-sensor run instead of 3.4, and, behind a thread busy in Python (a
     summary pass), up to a switch interval of 5 ms (800 us on average, measured alone).
     The store's thread now hashes (L{AlertRecord.sha256}); there the two ways measured
-    alike (4 KiB, 16 sensors, medians of 6: 17,868 alerts/s in pieces, 17,295 at once),
-    and in pieces the reactor never waits for a thread that is only hashing.
+    alike (4 KiB, 16 sensors, medians of 6: 17,868 alerts/s in pieces, 17,295 at once).
+    In pieces, the store's thread does not give the GIL up and win it back from a busy
+    reactor once per alert; the reactor may wait for it instead, up to a switch
+    interval, as for any Python the store's thread runs.
     """
     if len(body) < _GIL_HELD_BELOW:
         return hashlib.sha256(body).hexdigest()
@@ -435,8 +437,8 @@ class GroupCommitStore:
     (C{pending_summaries}, C{write_summaries}), alerts are committed without it and
     summarised afterwards on the same thread, in batches of L{SUMMARY_BATCH}, once a
     batch has gathered or L{SUMMARY_DELAY} seconds after a commit; when no alert waits
-    for a commit (after a large commit, once none has been queued or answered for
-    L{SUMMARY_QUIET} seconds), and otherwise once every L{SUMMARY_EVERY} commits, so
+    for a commit (after a commit of L{SUMMARY_LARGE_COMMIT} alerts or more, once none
+    has been queued or answered for L{SUMMARY_QUIET} seconds), and otherwise once every L{SUMMARY_EVERY} commits, so
     that a saturated manager spends its time on acknowledgements and catches up on
     summaries when the load drops.  Summaries are written without an fsync of their own (the next commit's
     carries them; a summary lost in a crash is computed again).  Heartbeats are summarised in their commit (they
@@ -449,10 +451,15 @@ class GroupCommitStore:
     SUMMARY_BATCH = 64
     SUMMARY_EVERY = 16
     SUMMARY_DELAY = 0.25
-    SUMMARY_QUIET = 0.02
+    SUMMARY_QUIET = 0.005
     """Seconds without an alert queued or answered before a pass may start after a
-    large commit: longer than a sensor (or a chain of proxies) takes to send its next
-    alerts once it has its answers, far shorter than anyone waits for a summary."""
+    large commit: longer than a sensor (or a chain of proxies) on the same network
+    takes to send its next alerts once it has its answers, far shorter than anyone
+    waits for a summary.  Senders further away look quiet between their windows and
+    get the passes between commits they always had.  Short, because while large
+    commits come closer together than this, summaries advance only every
+    L{SUMMARY_EVERY} commits (4 alerts a commit): at 16 alerts every 5 ms, 3,200 a
+    second, they could hardly keep up anyway (about 4,500 a second at 1 KiB)."""
     SUMMARY_LARGE_COMMIT = 16
     """A commit of this many alerts or more says that senders keep windows of alerts in
     flight and will send again as soon as they have the answers: a pass then waits for
@@ -609,7 +616,8 @@ class GroupCommitStore:
 
             def note() -> None:
                 self._last_activity = self._reactor.seconds()  # the answers go out now
-                self._last_commit = len(batch)
+                if batch:  # a commit that only notes a connection says nothing of the load
+                    self._last_commit = len(batch)
                 self.commits += 1
                 self._commits_since_summaries += 1
                 if self._defer_summaries and batch:
@@ -719,19 +727,24 @@ class GroupCommitStore:
         because its sensors are waiting for the answers, and a pass started then (64
         alerts take some 15-25 ms) holds back the alerts they send next.  With one
         sensor keeping a window of alerts in flight, that was every commit.  With this
-        rule one sensor went 13,993 -> 18,378 alerts/s at 1 KiB and 10,170 -> 13,171
-        at 4 KiB (medians of 3), and at 1,000 alerts/s from 16 sensors the median
-        acknowledgement stayed at 3.1 ms (3 pairs).
+        rule one sensor went 13,798 -> 17,564 alerts/s at 1 KiB and 8,439 -> 11,358 at
+        4 KiB (medians of 3); at 1,000 alerts/s from 16 sensors (small commits) the
+        median acknowledgement stayed at 3.1 ms (3 pairs).
         """
         return self._last_activity + self.SUMMARY_QUIET - self._reactor.seconds()
 
     def _wake_when_quiet(self) -> None:
+        """Come back once the store has been quiet, if only the quiet rule keeps a due
+        pass waiting: nothing else would call L{_kick} when no alert comes."""
         if (self._quiet_timer is None and self._summaries_pending and self._open and not self._committing
                 and not self._queued and self._closing is None and self._last_commit >= self.SUMMARY_LARGE_COMMIT
+                and (self._summaries_overdue or self._unsummarised >= self.SUMMARY_BATCH)
                 and self._quiet_left() > 0):
-            self._quiet_timer = self._reactor.callLater(self._quiet_left(), self._quiet_time)
+            # never longer than SUMMARY_QUIET, should the clock be set back
+            self._quiet_timer = self._reactor.callLater(min(self._quiet_left(), self.SUMMARY_QUIET), self._quiet_time)
 
     def _quiet_time(self) -> None:
+        """The quiet wait is over: a pass may be due (L{_kick} decides, and may wait again)."""
         self._quiet_timer = None
         self._kick()
 
