@@ -438,11 +438,12 @@ class GroupCommitStore:
     summarised afterwards on the same thread, in batches of L{SUMMARY_BATCH}, once a
     batch has gathered or L{SUMMARY_DELAY} seconds after a commit; when no alert waits
     for a commit (after a commit of L{SUMMARY_LARGE_COMMIT} alerts or more, once none
-    has been queued or answered for L{SUMMARY_QUIET} seconds), and otherwise once every L{SUMMARY_EVERY} commits, so
-    that a saturated manager spends its time on acknowledgements and catches up on
-    summaries when the load drops.  Summaries are written without an fsync of their own (the next commit's
-    carries them; a summary lost in a crash is computed again).  Heartbeats are summarised in their commit (they
-    update the sensor's heartbeat time; a cheap byte test finds them).  Readers
+    has been queued or answered for L{SUMMARY_QUIET} seconds), and otherwise once every
+    L{SUMMARY_EVERY} commits, so that a saturated manager spends its time on
+    acknowledgements and catches up on summaries when the load drops.  Summaries are
+    written without an fsync of their own (the next commit's carries them; a summary
+    lost in a crash is computed again).  Heartbeats are summarised in their commit
+    (they update the sensor's heartbeat time; a cheap byte test finds them).  Readers
     summarise whatever is still pending (L{read_alerts}); after a crash, the pass
     resumes on the next start.
     """
