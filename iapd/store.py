@@ -707,7 +707,9 @@ class GroupCommitStore:
         for d in waiters:
             d.callback(None)
 
-    def _summaries_due(self) -> bool:
+    def _summaries_due(self, ignore_quiet: bool = False) -> bool:
+        """Whether a summary pass should run now; with C{ignore_quiet}, whether it
+        would, were it not for the quiet wait after a large commit."""
         if not self._summaries_pending or self._closing is not None:
             return False
         if self._summary_waiters:
@@ -718,7 +720,7 @@ class GroupCommitStore:
             return True
         if self._queued:
             return False
-        return self._last_commit < self.SUMMARY_LARGE_COMMIT or self._quiet_left() <= 0
+        return ignore_quiet or self._last_commit < self.SUMMARY_LARGE_COMMIT or self._quiet_left() <= 0
 
     def _quiet_left(self) -> float:
         """
@@ -737,12 +739,11 @@ class GroupCommitStore:
     def _wake_when_quiet(self) -> None:
         """Come back once the store has been quiet, if only the quiet rule keeps a due
         pass waiting: nothing else would call L{_kick} when no alert comes."""
-        if (self._quiet_timer is None and self._summaries_pending and self._open and not self._committing
-                and not self._queued and self._closing is None and self._last_commit >= self.SUMMARY_LARGE_COMMIT
-                and (self._summaries_overdue or self._unsummarised >= self.SUMMARY_BATCH)
-                and self._quiet_left() > 0):
+        if (self._quiet_timer is None and self._open and not self._committing
+                and self._summaries_due(ignore_quiet=True) and not self._summaries_due()):
             # never longer than SUMMARY_QUIET, should the clock be set back
-            self._quiet_timer = self._reactor.callLater(min(self._quiet_left(), self.SUMMARY_QUIET), self._quiet_time)
+            self._quiet_timer = self._reactor.callLater(
+                max(0.0, min(self._quiet_left(), self.SUMMARY_QUIET)), self._quiet_time)
 
     def _quiet_time(self) -> None:
         """The quiet wait is over: a pass may be due (L{_kick} decides, and may wait again)."""
