@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import urllib.request
+from xml.etree.ElementTree import Element, TreeBuilder
 from xml.sax.saxutils import quoteattr
 
 import pytest
@@ -817,3 +818,92 @@ def test_attribute_round_trip(value: str) -> None:
     summary = summarize(body)
     assert summary is not None
     assert summary["messageid"] == value[:MAX_CHARS]
+
+
+# -- The parser against defusedxml's ------------------------------------------------
+#
+# The summary's parser drives expat itself, with the C TreeBuilder as its target, for
+# speed.  defusedxml's parser (ElementTree's pure-Python one, with the same refusals)
+# is the reference it replaced: for any input both must build the same tree, or both
+# refuse it, or both find it unusable.
+
+
+def _reference_tree(data: bytes) -> Element:
+    from defusedxml.ElementTree import DefusedXMLParser
+
+    parser = DefusedXMLParser(target=TreeBuilder(), forbid_dtd=True)
+    parser.feed(data)
+    root: Element = parser.close()
+    return root
+
+
+def _dump(element: Element) -> object:
+    """A tree as nested tuples, with ElementTree's {ns}local names as expat's ns}local."""
+
+    def name(tag: str) -> str:
+        return tag.removeprefix("{")
+
+    return (
+        name(element.tag),
+        sorted((name(k), v) for k, v in element.attrib.items()),
+        element.text,
+        element.tail,
+        [_dump(child) for child in element],
+    )
+
+
+def _outcome(parse: object, data: bytes) -> object:
+    """The tree, or the kind of refusal: DTD, entity or external, or merely unusable."""
+    from defusedxml import DefusedXmlException
+
+    try:
+        return _dump(parse(data))  # type: ignore[operator]
+    except DefusedXmlException as refusal:
+        return type(refusal).__name__
+    except (*idmef._UNUSABLE, SyntaxError):
+        return "unusable"
+
+
+def check_same_tree(data: bytes) -> None:
+    ours = _outcome(lambda d: idmef._parse_whole(memoryview(d)), data)
+    assert ours == _outcome(_reference_tree, data)
+
+
+SAMPLES = {
+    "rfc4765": RFC4765_ALERT,
+    "prelude": PRELUDE_ALERT,
+    "snort": SNORT_ALERT,
+    "heartbeat": HEARTBEAT,
+    "service": SERVICE_NAME_AND_PORTLIST,
+    **HOSTILE,
+}
+
+
+@pytest.mark.parametrize("body", SAMPLES.values(), ids=SAMPLES.keys())
+def test_same_tree_as_defusedxml_for_the_samples(body: bytes) -> None:
+    check_same_tree(body)
+    check_same_tree(body.decode("utf-8").encode("utf-16"))
+
+
+def test_the_samples_really_build_trees() -> None:
+    """The comparison above is not two refusals or two failures agreeing."""
+    for body in (RFC4765_ALERT, PRELUDE_ALERT, SNORT_ALERT, HEARTBEAT):
+        assert isinstance(_outcome(lambda d: idmef._parse_whole(memoryview(d)), body), tuple)
+    assert _outcome(lambda d: idmef._parse_whole(memoryview(d)), EXTERNAL_ENTITY) == "DTDForbidden"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.one_of(IDMEF_FRAGMENTS, st.text(XML_CHARS, max_size=20)), max_size=30),
+    st.sampled_from(["utf-8", "utf-16", "latin-1"]),
+)
+def test_same_tree_as_defusedxml(fragments: list[str], encoding: str) -> None:
+    """Pieces of IDMEF, markup, entities, DTDs and stray text: the same tree or the same refusal."""
+    body = "<IDMEF-Message><Alert>" + "".join(fragments) + "</Alert></IDMEF-Message>"
+    check_same_tree(body.encode(encoding, errors="replace"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_same_outcome_as_defusedxml_for_arbitrary_bytes(body: bytes) -> None:
+    check_same_tree(body)
