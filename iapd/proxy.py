@@ -16,6 +16,7 @@ never logged, copied or inspected; each chunk read is written as it is.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import itertools
 from typing import Any
@@ -143,14 +144,14 @@ class ProxyProtocol(SetupReceiver):
         except (AttributeError, OSError):
             pass
         f.connections.add(self)
+        f.per_source[self.peer_host] += 1
         if self.peer_host and not network_allowed(f.settings.allow_networks, self.peer_host):
             self._refuse(WireError(403, f"source address {self.peer_host} is outside allow.networks"))
             return
         # descriptors are the proxy's scarce resource: one source cannot take them all
-        same_source = sum(1 for c in f.connections if c.peer_host == self.peer_host)
         if len(f.connections) > f.settings.max_connections:
             self._refuse(WireError(503, f"more than {f.settings.max_connections} connections"))
-        elif same_source > f.settings.max_per_source:
+        elif f.per_source[self.peer_host] > f.settings.max_per_source:
             self._refuse(WireError(503, f"more than {f.settings.max_per_source} connections from {self.peer_host}"))
 
     # -- setup -----------------------------------------------------------------------
@@ -335,7 +336,12 @@ class ProxyProtocol(SetupReceiver):
         if was != "CLOSED":
             self._close_both("client closed")
         self._both_gone()
-        self.factory.connections.discard(self)
+        f = self.factory
+        if self in f.connections:
+            f.connections.discard(self)
+            f.per_source[self.peer_host] -= 1
+            if not f.per_source[self.peer_host]:
+                del f.per_source[self.peer_host]
 
 
 class ProxyFactory(ServerFactory):
@@ -346,6 +352,9 @@ class ProxyFactory(ServerFactory):
         self.settings = settings
         self.reactor = reactor
         self.connections: set[ProxyProtocol] = set()
+        self.per_source: collections.Counter[str | None] = collections.Counter()
+        """Connections open from each source address: counted, not searched for, when
+        one more arrives (a search made accepting 10,000 sensors quadratic)."""
         self._ids = itertools.count(1)
 
     def next_connection_id(self) -> int:

@@ -279,3 +279,14 @@ class ConnectionLimitTests(ProxyCase):
         peer = yield self.client(proxy)
         peer.transport.write(b"IAP/0.2 CONNECT manager.test\r\n\r\n")
         yield peer.until_contains(OK).addTimeout(WAIT, reactor)
+        self.assertEqual(self.proxy.per_source, {"127.0.0.1": 2})
+        # every connection gone, refused or not: nothing is left counted
+        for p in (held[1], peer):
+            p.transport.loseConnection()
+            yield p.lost
+        for _ in range(100):
+            if not self.proxy.connections:
+                break
+            yield deferLater(reactor, 0.02)
+        self.assertEqual(self.proxy.connections, set())
+        self.assertEqual(self.proxy.per_source, {})
