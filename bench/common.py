@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -232,6 +233,17 @@ class Manager(Process):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)  # the manager creates the table just after it listens
+
+    def remove_store(self) -> None:
+        """
+        Delete the store's files (database, WAL, digest index): with a manager of its
+        own for every run, a full run would otherwise leave gigabytes behind.
+        """
+        for path in self.db.parent.glob(self.db.name + "*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def unsummarised(self) -> int:
         """Alerts stored whose IDMEF summary the manager has not written yet."""

@@ -1,7 +1,7 @@
 """
 iapd against itself and its peers, on one machine, in one run.
 
-    python3 bench/run.py              # full run (about 20 minutes), needs root for the peers
+    python3 bench/run.py              # full run (about 35 minutes), needs root for the peers
     python3 bench/run.py --smoke      # under a minute, no peers: checks that the harness works
     bench/install-peers               # rsyslog RELP and Prelude from Debian's packages
 
@@ -11,7 +11,10 @@ directory).  Every process runs on 127.0.0.1 with its own files in a temporary
 directory, and is stopped at the end.
 
 What is measured (sensors, managers and relays are separate processes; the machine's
-cores are shared by all of them, the load generator included):
+cores are shared by all of them, the load generator included).  Every throughput,
+latency and peer case runs C{--rounds} times (3), interleaved with the cases it is
+compared with and in a rotated order, each run against a fresh manager; the median is
+reported, with the lowest and highest:
 
   throughput   sustained alerts/s from N sensors (1, 16, 256), each keeping a window of
                alerts in flight, every alert committed before its 200; direct, through
@@ -19,7 +22,8 @@ cores are shared by all of them, the load generator included):
                without TLS (the benchmark's plain manager); manager and relay CPU per alert;
                and 16 sensors direct into a store that already holds --grown alerts
   peers        rsyslog RELP (omrelp -> imrelp) over TLS with window 1024 and the stock
-               window, over plain TCP; prelude-manager fed by a python3-prelude client
+               window, over plain TCP; prelude-manager fed by a python3-prelude client;
+               and iapd's best direct cases again, beside them
   latency      acknowledgement latency p50/p99 at a fixed offered load, and CPU seconds
                per 10,000 alerts for the manager and each proxy
   scale        N sensors, 1 -> 10,000: time to set them all up, manager memory per idle
@@ -34,16 +38,19 @@ and every message a peer was given must come out of it once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,6 +59,7 @@ from common import BENCH, BenchError, Chain, Manager, Process, env, free_port, n
 
 LOADGEN = [sys.executable, str(BENCH / "loadgen.py")]
 PER_PROCESS = 2500  # connections per load-generator process
+T = TypeVar("T")
 
 
 class Bench:
@@ -72,10 +80,11 @@ class Bench:
     # -- one load ------------------------------------------------------------------
 
     def load(self, manager: Manager | Process, port: int, sensors: int, size: int, window: int, duration: float,
-             rate: float = 0.0, plain: bool = False, before_go: Any = None) -> dict[str, Any]:
+             rate: float = 0.0, plain: bool = False, before_go: Any = None, catch_up: bool = False) -> dict[str, Any]:
         """
         Run C{sensors} connections against C{port} (split over load-generator processes),
-        check that every alert sent was acknowledged and stored exactly once.
+        check that every alert sent was acknowledged and stored exactly once; with
+        C{catch_up}, then wait for the manager to write the summaries it left for later.
         """
         tag = self.tag()
         procs: list[subprocess.Popen[str]] = []
@@ -112,16 +121,16 @@ class Bench:
         sent, acked = sum(r["sent"] for r in done), sum(r["acked"] for r in done)
         if errors or sent != acked:
             raise BenchError(f"run {tag}: {sent} alerts sent, {acked} acknowledged: {errors[:5]}")
-        catch_up = 0.0
-        if isinstance(manager, Manager):
-            manager.check_stored(last_id or 0, acked, tag)
-            if not self.args.smoke:  # in smoke mode the figures do not matter: save the time
-                catch_up = manager.wait_summarised()
         elapsed = max(r["elapsed"] for r in done)
         out = {"tag": tag, "sensors": sensors, "size": size, "window": window, "acked": acked, "elapsed": elapsed,
                "rate": acked / elapsed, "setup_s": max(r["setup_s"] for r in ready),
                "manager_cpu_us": cpu / max(acked, 1) * 1e6, "loadgen_cpu_us": sum(r["cpu_s"] for r in done) / max(acked, 1) * 1e6,
-               "extra": extra, "summary_catch_up_s": catch_up}
+               "extra": extra, "summary_catch_up_s": None}
+        if isinstance(manager, Manager):
+            manager.check_stored(last_id or 0, acked, tag)
+            if catch_up:
+                out["summary_catch_up_s"] = catch = manager.wait_summarised()
+                out["rate_with_summaries"] = acked / (elapsed + catch)
         lat = [r for r in done if "lat_p50_ms" in r]
         if lat:
             out["lat_p50_ms"] = max(r["lat_p50_ms"] for r in lat)
@@ -137,6 +146,53 @@ class Bench:
                              f" (see {self.workdir}/loadgen-{tag}-*.log)")
         return json.loads(line)
 
+    def run_path(self, size: int, sensors: int, window: int, relay: str | None = None, hops: int = 0,
+                 rate: float = 0.0, catch_up: bool = False) -> dict[str, Any]:
+        """
+        One run against a manager of its own, started for it and deleted after it:
+        every run starts from the same empty, idle store, whatever ran before it
+        (C{relay} "plain": the benchmark's manager without TLS).
+        """
+        name = f"manager-{self._tags + 1:04d}"
+        manager: Manager | PlainManager = PlainManager(self.workdir, name) if relay == "plain" \
+            else Manager(self.workdir, self.pki, name=name)
+        chain = None
+        try:
+            if relay in ("iap-proxy", "socat"):
+                chain = Chain(relay, hops, manager.port, self.workdir)
+            relays0 = [x.cpu() for x in chain.relays] if chain else []
+            r = self.load(manager, chain.port if chain else manager.port, sensors, size, window, self.args.duration,
+                          rate=rate, plain=relay == "plain", catch_up=catch_up and not self.args.smoke)
+            if chain:
+                used = [x.cpu() - c0 for x, c0 in zip(chain.relays, relays0)]
+                r["relay_cpu_us"] = sum(used) / r["acked"] * 1e6
+                r["proxy_cpu_s_per_10k"] = [u / r["acked"] * 10000 for u in used]
+            else:
+                r["relay_cpu_us"] = 0.0
+            if isinstance(manager, PlainManager):
+                manager.check(r, self)
+            manager.alive()
+        finally:
+            if chain:
+                chain.stop()
+            manager.stop()
+            if not self.args.keep:
+                manager.remove_store()
+        return r
+
+    def rounds(self, cases: Sequence[T]) -> Iterator[tuple[int, T]]:
+        """
+        Every case once per round (C{--rounds}), each round starting one case later.
+
+        The machine's speed drifts by a third over minutes: run once, and one after
+        the other, cases were compared across that drift, and the first case of a
+        group always ran on the quietest machine.  Interleaved and rotated, each case
+        meets the same drift, and the median of its rounds is what is compared.
+        """
+        for rnd in range(self.args.rounds):
+            for i in range(len(cases)):
+                yield rnd, cases[(i + rnd) % len(cases)]
+
     # -- sections ------------------------------------------------------------------
 
     def throughput(self) -> None:
@@ -144,51 +200,28 @@ class Bench:
         socat = shutil.which("socat")
         if not socat:
             self.skip("socat is not installed (apt-get install socat): no relay comparison")
+        paths: list[tuple[str, str | None, int]] = [
+            ("direct", None, 0), ("iap-proxy", "iap-proxy", 1), ("iap-proxy x2", "iap-proxy", 2)]
+        if socat:
+            paths += [("socat", "socat", 1), ("socat x2", "socat", 2)]
+        paths.append(("direct, no TLS", "plain", 0))
         for size in a.sizes:
             for sensors in a.sensors:
-                manager = Manager(self.workdir, self.pki, name=f"manager-{size}-{sensors}")
-                try:
-                    paths = [("direct", None, 0), ("iap-proxy", "iap-proxy", 1), ("iap-proxy x2", "iap-proxy", 2)]
-                    if socat:
-                        paths += [("socat", "socat", 1), ("socat x2", "socat", 2)]
-                    for name, kind, hops in paths:
-                        chain = Chain(kind, hops, manager.port, self.workdir) if kind else None
-                        try:
-                            relay_cpu0 = chain.cpu() if chain else 0.0
-                            r = self.load(manager, chain.port if chain else manager.port, sensors, size, a.window,
-                                          a.duration)
-                            r["relay_cpu_us"] = (chain.cpu() - relay_cpu0) / r["acked"] * 1e6 if chain else 0.0
-                        finally:
-                            if chain:
-                                chain.stop()
-                        r["path"] = name
-                        self.results["throughput"].append(r)
-                        self.note(f"  {size:>5} B {sensors:>4} sensors {name:<13} {r['rate']:>9,.0f} alerts/s"
-                                  f"  manager {r['manager_cpu_us']:5.1f} us/alert"
-                                  + (f"  relay {r['relay_cpu_us']:5.1f} us/alert" if kind else ""))
-                    manager.alive()
-                finally:
-                    manager.stop()
-                # the same code without TLS: the benchmark's plain manager
-                plain = self.plain_manager(size, sensors)
-                try:
-                    r = self.load(plain, plain.port, sensors, size, a.window, a.duration, plain=True)
-                    r["path"] = "direct, no TLS"
-                    plain.check(r, self)
-                finally:
-                    plain.stop()
-                self.results["throughput"].append(r)
-                self.note(f"  {size:>5} B {sensors:>4} sensors {'no TLS':<13} {r['rate']:>9,.0f} alerts/s"
-                          f"  manager {r['manager_cpu_us']:5.1f} us/alert")
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in paths}
+                for rnd, (name, relay, hops) in self.rounds(paths):
+                    r = self.run_path(size, sensors, a.window, relay, hops, catch_up=name == "direct" and rnd == 0)
+                    runs[name].append(r)
+                    self.note(f"  {size:>5} B {sensors:>4} sensors {name:<15} round {rnd + 1}"
+                              f" {r['rate']:>9,.0f} alerts/s  manager {r['manager_cpu_us']:5.1f} us/alert"
+                              + (f"  relay {r['relay_cpu_us']:5.1f} us/alert" if relay in ("iap-proxy", "socat") else ""))
+                for name, _, _ in paths:
+                    self.results["throughput"].append(dict(aggregate(runs[name]), path=name))
             # one sensor with RELP's window, for the comparison with rsyslog
-            manager = Manager(self.workdir, self.pki, name=f"manager-{size}-w1024")
-            try:
-                r = self.load(manager, manager.port, 1, size, 1024, a.duration)
-                r["path"] = "direct, window 1024"
-                self.results["throughput"].append(r)
-                self.note(f"  {size:>5} B    1 sensor  window 1024   {r['rate']:>9,.0f} alerts/s")
-            finally:
-                manager.stop()
+            w1024 = []
+            for rnd, _ in self.rounds([None]):
+                w1024.append(self.run_path(size, 1, 1024))
+                self.note(f"  {size:>5} B    1 sensor  window 1024     round {rnd + 1} {w1024[-1]['rate']:>9,.0f} alerts/s")
+            self.results["throughput"].append(dict(aggregate(w1024), path="direct, window 1024"))
             if size != 1024 or not a.grown or 16 not in a.sensors:
                 continue
             # a store that has been in service for a while: does ingest slow down as it grows?
@@ -197,39 +230,29 @@ class Bench:
             try:
                 r = self.load(manager, manager.port, 16, size, a.window, a.duration)
                 r["path"] = f"direct, store of {a.grown:,}"
-                self.results["throughput"].append(r)
+                self.results["throughput"].append(dict(aggregate([r]), path=r["path"]))
                 self.note(f"  {size:>5} B   16 sensors store of {a.grown:,} {r['rate']:>9,.0f} alerts/s"
                           f"  manager {r['manager_cpu_us']:5.1f} us/alert")
             finally:
                 manager.stop()
-
-    def plain_manager(self, size: int, sensors: int) -> "PlainManager":
-        return PlainManager(self.workdir, f"plain-{size}-{sensors}")
+                if not a.keep:
+                    manager.remove_store()
 
     def latency(self) -> None:
         a = self.args
-        manager = Manager(self.workdir, self.pki, name="manager-latency")
-        try:
-            for name, hops in (("direct", 0), ("iap-proxy", 1), ("iap-proxy x2", 2)):
-                chain = Chain("iap-proxy", hops, manager.port, self.workdir) if hops else None
-                try:
-                    relay0 = [r.cpu() for r in chain.relays] if chain else []
-                    r = self.load(manager, chain.port if chain else manager.port, a.latency_sensors, 1024, 256,
-                                  a.duration, rate=a.rate)
-                    if chain:
-                        r["proxy_cpu_s_per_10k"] = [(x.cpu() - c0) / r["acked"] * 10000 for x, c0 in zip(chain.relays, relay0)]
-                finally:
-                    if chain:
-                        chain.stop()
-                r["path"] = name
-                r["offered"] = a.rate
-                r["manager_cpu_s_per_10k"] = r["manager_cpu_us"] * 10000 / 1e6
-                self.results["latency"].append(r)
-                self.note(f"  {name:<13} {a.rate:,.0f}/s offered, {r['rate']:,.0f}/s acked: p50 {r['lat_p50_ms']:.2f} ms"
-                          f" p99 {r['lat_p99_ms']:.2f} ms, manager {r['manager_cpu_s_per_10k']:.2f} CPU s/10k"
-                          + (f", proxies {', '.join(f'{x:.2f}' for x in r['proxy_cpu_s_per_10k'])} CPU s/10k" if hops else ""))
-        finally:
-            manager.stop()
+        cases = [("direct", 0), ("iap-proxy", 1), ("iap-proxy x2", 2)]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
+        for rnd, (name, hops) in self.rounds(cases):
+            r = self.run_path(1024, a.latency_sensors, 256, "iap-proxy" if hops else None, hops, rate=a.rate)
+            runs[name].append(r)
+            self.note(f"  {name:<13} round {rnd + 1} {a.rate:,.0f}/s offered, {r['rate']:,.0f}/s acked:"
+                      f" p50 {r['lat_p50_ms']:.2f} ms p99 {r['lat_p99_ms']:.2f} ms,"
+                      f" manager {r['manager_cpu_us'] / 100:.2f} CPU s/10k"
+                      + (f", proxies {', '.join(f'{x:.2f}' for x in r['proxy_cpu_s_per_10k'])} CPU s/10k" if hops else ""))
+        for name, _ in cases:
+            row = aggregate(runs[name])
+            row.update(path=name, offered=a.rate, manager_cpu_s_per_10k=row["manager_cpu_us"] * 10000 / 1e6)
+            self.results["latency"].append(row)
 
     def scale(self) -> None:
         a = self.args
@@ -264,39 +287,93 @@ class Bench:
                           f" {r['rate']:,.0f} alerts/s, manager RSS {r['rss_loaded_kib'] / 1024:.0f} MiB under load")
             finally:
                 manager.stop()
+                if not a.keep:
+                    manager.remove_store()
 
     def peers(self) -> None:
+        """
+        The peers and iapd's best direct configurations, interleaved round by round:
+        the ratios compare runs that met the same moments of the machine.
+        """
         import peers
 
         a = self.args
+        cases: list[tuple[str, Any]] = []
         why = peers.rsyslog_available()
         if why:
             self.skip(f"rsyslog RELP: {why}")
         else:
-            for size in a.sizes:
-                for name, window, tls, count in (("RELP TLS, window 1024", 1024, True, a.relp_count),
-                                                 ("RELP TLS, stock window", None, True, a.relp_count // 8),
-                                                 ("RELP plain TCP, window 1024", 1024, False, a.relp_count)):
-                    r = peers.run_relp(self.workdir, size, count, window, tls, self.tag())
-                    r.update(peer=name, size=size)
-                    self.results["peers"].append(r)
-                    self.note(f"  {size:>5} B {name:<28} {r['rate']:>9,.0f} msgs/s"
-                              f"  receiver {r['receiver_cpu_us']:.1f} us/msg, sender {r['sender_cpu_us']:.1f} us/msg")
+            cases += [("RELP TLS, window 1024", (1024, True, 1)), ("RELP TLS, stock window", (None, True, 8)),
+                      ("RELP plain TCP, window 1024", (1024, False, 1))]
         why = peers.prelude_available()
         if why:
             self.skip(f"Prelude: {why}")
+        else:
+            cases.append(("prelude-manager", None))
+        if not cases:
             return
-        with peers.PreludeSetup(self.workdir) as setup:
+        cases += [(IAPD_16, (16, a.window)), (IAPD_W1024, (1, 1024))]
+        with contextlib.ExitStack() as stack:
+            setup = stack.enter_context(peers.PreludeSetup(self.workdir)) \
+                if any(name == "prelude-manager" for name, _ in cases) else None
             for size in a.sizes:
-                r = peers.run_prelude(setup, size, a.prelude_count, self.tag())
-                r.update(peer="prelude-manager", size=size)
-                self.results["peers"].append(r)
-                self.note(f"  {size:>5} B {'prelude-manager':<28} {r['rate']:>9,.0f} alerts/s"
-                          f"  manager {r['manager_cpu_us']:.1f} us/alert")
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in cases}
+                for rnd, (name, how) in self.rounds(cases):
+                    if name.startswith("RELP"):
+                        window, tls, fraction = how
+                        tag = self.tag()
+                        r = peers.run_relp(self.workdir, size, a.relp_count // fraction, window, tls, tag)
+                        self.forget(self.workdir / f"relp-{tag}")
+                        cpu = f"receiver {r['receiver_cpu_us']:.1f} us/msg, sender {r['sender_cpu_us']:.1f} us/msg"
+                    elif name == "prelude-manager":
+                        assert setup is not None
+                        tag = self.tag()
+                        r = peers.run_prelude(setup, size, a.prelude_count, tag)
+                        self.forget(setup.workdir / tag)
+                        cpu = f"manager {r['manager_cpu_us']:.1f} us/alert"
+                    else:
+                        sensors, window = how
+                        r = self.run_path(size, sensors, window)
+                        cpu = f"manager {r['manager_cpu_us']:.1f} us/alert"
+                    runs[name].append(r)
+                    self.note(f"  {size:>5} B {name:<28} round {rnd + 1} {r['rate']:>9,.0f} /s  {cpu}")
+                for name, _ in cases:
+                    self.results["peers"].append(dict(aggregate(runs[name]), peer=name, size=size))
+
+    def forget(self, directory: Path) -> None:
+        """A peer's output of one run (up to 400 MB at 4 KiB), unless --keep."""
+        if not self.args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def skip(self, text: str) -> None:
         self.results["skipped"].append(text)
         self.note(f"  skipped: {text}")
+
+
+IAPD_16 = "iapd, 16 sensors"
+IAPD_W1024 = "iapd, 1 sensor, window 1024"
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One row from the rounds of a case: the median of every figure, the rates of
+    every round, and their lowest and highest.
+    """
+    row = dict(runs[0])
+    row.update(rounds=len(runs), rates=[r["rate"] for r in runs],
+               rate_min=min(r["rate"] for r in runs), rate_max=max(r["rate"] for r in runs))
+    for key, value in runs[0].items():
+        if key in ("size", "sensors", "window", "count", "summary_catch_up_s", "rate_with_summaries"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in runs)
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            row[key] = [statistics.median(col) for col in zip(*(r[key] for r in runs))]
+    measured = [r for r in runs if r.get("summary_catch_up_s") is not None]
+    if measured:  # measured in one round only: after a run, its own backlog
+        row["summary_catch_up_s"] = measured[0]["summary_catch_up_s"]
+        row["rate_with_summaries"] = measured[0]["rate_with_summaries"]
+    return row
 
 
 class PlainManager(Process):
@@ -314,8 +391,18 @@ class PlainManager(Process):
     def check(self, r: dict[str, Any], bench: Bench) -> None:
         Manager.check_stored(self, 0, r["acked"], r["tag"])  # type: ignore[arg-type]
 
+    def remove_store(self) -> None:
+        Manager.remove_store(self)  # type: ignore[arg-type]
+
 
 # -- report ------------------------------------------------------------------------
+
+def spread(row: dict[str, Any]) -> str:
+    """The lowest and highest rate of a row's rounds."""
+    if row.get("rounds", 1) < 2:
+        return "-"
+    return f"{row['rate_min'] / 1000:,.1f}-{row['rate_max'] / 1000:,.1f}k"
+
 
 def find(rows: list[dict[str, Any]], **kw: Any) -> dict[str, Any] | None:
     for r in rows:
@@ -334,47 +421,55 @@ def report(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         f" Twisted {m['twisted']}, pyOpenSSL {m['pyopenssl']}, load average at start {m['loadavg']}")
     add("all processes share these cores (the load generator too); figures move by 10-30% between runs")
     add("")
+    rounds = results["args"]["rounds"]
     tp = results["throughput"]
     if tp:
         add("Sustained alerts/s, every alert committed (SQLite, synchronous=FULL) before its 200;"
-            f" window {results['args']['window']} per sensor")
-        add("(summaries are written after the 200: 'summaries s' is how long the manager took after the run to"
-            " catch up; the next run starts after that)")
-        add(f"{'size':>6} {'sensors':>7} {'path':<20} {'alerts/s':>10} {'vs direct':>9} {'mgr us/alert':>12}"
-            f" {'relay us/alert':>14} {'summaries s':>11}")
+            f" window {results['args']['window']} per sensor; median of {rounds} rounds (lowest-highest),"
+            " each run against a fresh manager")
+        add("(summaries are written after the 200: 'summaries s' is how long the manager then took to catch up"
+            " (first round, direct), 'with summ.' the alerts/s counting that time too)")
+        add(f"{'size':>6} {'sensors':>7} {'path':<20} {'alerts/s':>9} {'lowest-highest':>15} {'vs direct':>9}"
+            f" {'mgr us/alert':>12} {'relay us/alert':>14} {'summaries s':>11} {'with summ.':>10}")
         for r in tp:
             base = find(tp, size=r["size"], sensors=r["sensors"], path="direct")
             ratio = r["rate"] / base["rate"] if base and r["sensors"] == base["sensors"] else float("nan")
-            add(f"{r['size']:>6} {r['sensors']:>7} {r['path']:<20} {r['rate']:>10,.0f} {ratio:>8.2f}x"
-                f" {r['manager_cpu_us']:>12.1f} {r.get('relay_cpu_us', 0) or 0:>14.1f} {r['summary_catch_up_s']:>11.1f}")
+            catch = r.get("summary_catch_up_s")
+            add(f"{r['size']:>6} {r['sensors']:>7} {r['path']:<20} {r['rate']:>9,.0f} {spread(r):>15} {ratio:>8.2f}x"
+                f" {r['manager_cpu_us']:>12.1f} {r.get('relay_cpu_us', 0) or 0:>14.1f}"
+                f" {'-' if catch is None else f'{catch:.1f}':>11}"
+                f" {'-' if catch is None else format(r['rate_with_summaries'], ',.0f'):>10}")
         add("")
     goals: list[dict[str, Any]] = []
     peers = results["peers"]
     if peers:
-        add("Peers on the same machine, same run (rate at the receiver; RELP acknowledges on enqueue,"
-            " Prelude does not acknowledge each alert)")
-        add(f"{'size':>6} {'peer':<30} {'msgs/s':>10} {'receiver us/msg':>15}")
+        add("Peers and iapd on the same machine, interleaved round by round; median of"
+            f" {rounds} rounds (rate at the receiver; RELP acknowledges on enqueue, Prelude does not"
+            " acknowledge each alert; iapd answers each alert once it is durable)")
+        add(f"{'size':>6} {'peer':<30} {'msgs/s':>9} {'lowest-highest':>15} {'receiver us/msg':>15}")
         for r in peers:
-            add(f"{r['size']:>6} {r['peer']:<30} {r['rate']:>10,.0f} {r.get('receiver_cpu_us', r.get('manager_cpu_us', 0)):>15.1f}")
+            cpu = r.get("receiver_cpu_us", r.get("manager_cpu_us", 0))
+            add(f"{r['size']:>6} {r['peer']:<30} {r['rate']:>9,.0f} {spread(r):>15} {cpu:>15.1f}")
         add("")
     # ratios and goals
-    if tp:
-        add("Ratios")
+    if tp or peers:
+        add("Ratios (of medians)")
         for size in results["args"]["sizes"]:
-            best = max((r for r in tp if r["size"] == size and r["path"] in ("direct", "direct, window 1024")),
-                       key=lambda r: r["rate"], default=None)
-            one = find(tp, size=size, path="direct, window 1024")
+            ours = [r for r in peers if r["size"] == size and r["peer"] in (IAPD_16, IAPD_W1024)]
+            if ours:  # run beside the peers: compare with these
+                best = max(ours, key=lambda r: r["rate"])
+                label = f"iapd best ({best['peer']}, beside the peers)"
+            else:
+                direct = [r for r in tp if r["size"] == size and r["path"] in ("direct", "direct, window 1024")]
+                best = max(direct, key=lambda r: r["rate"], default=None)
+                label = f"iapd best direct ({best['sensors']} sensors, window {best['window']})" if best else ""
             for peer, goal in (("RELP TLS, window 1024", 1.0), ("RELP TLS, stock window", None),
                                ("RELP plain TCP, window 1024", None), ("prelude-manager", 1.5)):
                 p = find(peers, size=size, peer=peer)
                 if not p or not best:
                     continue
                 ratio = best["rate"] / p["rate"]
-                text = (f"{size:>6} B iapd best direct ({best['sensors']} sensors, window {best['window']})"
-                        f" / {peer}: {ratio:.2f}x")
-                if one and one is not best:
-                    text += f"  (1 sensor, window 1024: {one['rate'] / p['rate']:.2f}x)"
-                add(text)
+                add(f"{size:>6} B {label} / {peer}: {ratio:.2f}x")
                 if goal:
                     goals.append({"goal": f"{size} B manager ingest >= {goal}x {peer}", "value": ratio, "met": ratio >= goal})
             for sensors in results["args"]["sensors"]:
@@ -401,7 +496,8 @@ def report(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         add("")
     lat = results["latency"]
     if lat:
-        add(f"Acknowledgement latency at a fixed offered load ({lat[0]['sensors']} sensors, 1 KiB)")
+        add(f"Acknowledgement latency at a fixed offered load ({lat[0]['sensors']} sensors, 1 KiB);"
+            f" median of {rounds} rounds")
         add(f"{'path':<14} {'offered/s':>9} {'acked/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'manager CPU s/10k':>18} {'proxy CPU s/10k':>16}")
         for r in lat:
             proxies = ", ".join(f"{x:.2f}" for x in r.get("proxy_cpu_s_per_10k", [])) or "-"
@@ -492,6 +588,8 @@ def main() -> int:
     parser.add_argument("--scale", type=lambda s: [int(x) for x in s.split(",")],
                         help="scale steps, sensors (1,10,100,1000,10000)")
     parser.add_argument("--duration", type=float, help="seconds of load per run (5)")
+    parser.add_argument("--rounds", type=int, help="runs of every throughput, latency and peer case, interleaved;"
+                        " the median is reported (3; smoke: 1)")
     parser.add_argument("--grown", type=int, help="alerts already in the store of the grown-store run"
                         " (1 KiB, 16 sensors; 2,000,000; 0: no such run)")
     parser.add_argument("--window", type=int, default=256, help="alerts in flight per sensor (iapd's default: 256)")
@@ -508,6 +606,7 @@ def main() -> int:
     args.sensors = args.sensors or ([1, 16] if smoke else [1, 16, 256])
     args.scale = args.scale or ([1, 50] if smoke else [1, 10, 100, 1000, 10000])
     args.duration = args.duration or (1.0 if smoke else 5.0)
+    args.rounds = args.rounds or (1 if smoke else 3)
     args.grown = (20_000 if smoke else 2_000_000) if args.grown is None else args.grown
     args.relp_count = args.relp_count or 100000
     args.prelude_count = args.prelude_count or 60000

@@ -431,9 +431,9 @@ class GroupCommitStore:
     The manager's store: C{add} returns a Deferred that fires once the alert is
     durable, with True for a new alert and False for a retransmitted one.
 
-    The IDMEF summary costs far more than storing the alert (some 200 us of Python per
-    1 KiB alert, against a few tens for the rest), and the 200 depends only on the raw
-    alert being durable.  With a backend that can write summaries later
+    The IDMEF summary costs far more than storing the alert (about 100 us per 1 KiB
+    alert with its JSON and its UPDATE, against a few tens for the rest), and the 200
+    depends only on the raw alert being durable.  With a backend that can write summaries later
     (C{pending_summaries}, C{write_summaries}), alerts are committed without it and
     summarised afterwards on the same thread, in batches of L{SUMMARY_BATCH}, once a
     batch has gathered or L{SUMMARY_DELAY} seconds after a commit; when no alert waits
@@ -460,7 +460,9 @@ class GroupCommitStore:
     get the passes between commits they always had.  Short, because while large
     commits come closer together than this, summaries advance only every
     L{SUMMARY_EVERY} commits (4 alerts a commit): at 16 alerts every 5 ms, 3,200 a
-    second, they could hardly keep up anyway (about 4,500 a second at 1 KiB)."""
+    second, they fall behind by some 2,400 a second until the load pauses, although
+    passes alone write about 9,000 a second at 1 KiB (4,500 before the summary's parse
+    went to C)."""
     SUMMARY_LARGE_COMMIT = 16
     """A commit of this many alerts or more says that senders keep windows of alerts in
     flight and will send again as soon as they have the answers: a pass then waits for
@@ -728,7 +730,8 @@ class GroupCommitStore:
 
         After a large commit an empty queue is not a quiet store: the queue is empty
         because its sensors are waiting for the answers, and a pass started then (64
-        alerts take some 15-25 ms) holds back the alerts they send next.  With one
+        alerts take some 7 ms, 15-25 ms when this rule was made) holds back the alerts
+        they send next.  With one
         sensor keeping a window of alerts in flight, that was every commit.  With this
         rule one sensor went 13,798 -> 17,564 alerts/s at 1 KiB and 8,439 -> 11,358 at
         4 KiB (medians of 3); at 1,000 alerts/s from 16 sensors (small commits) the
