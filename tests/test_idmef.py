@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import urllib.request
+from unittest import mock
 from xml.etree.ElementTree import Element, TreeBuilder
 from xml.sax.saxutils import quoteattr
 
@@ -888,8 +889,13 @@ def test_same_tree_as_defusedxml_for_the_samples(body: bytes) -> None:
 def test_the_samples_really_build_trees() -> None:
     """The comparison above is not two refusals or two failures agreeing."""
     for body in (RFC4765_ALERT, PRELUDE_ALERT, SNORT_ALERT, HEARTBEAT):
-        assert isinstance(_outcome(lambda d: idmef._parse_whole(memoryview(d)), body), tuple)
-    assert _outcome(lambda d: idmef._parse_whole(memoryview(d)), EXTERNAL_ENTITY) == "DTDForbidden"
+        assert isinstance(
+            _outcome(lambda d: idmef._parse_whole(memoryview(d)), body), tuple
+        )
+    assert (
+        _outcome(lambda d: idmef._parse_whole(memoryview(d)), EXTERNAL_ENTITY)
+        == "DTDForbidden"
+    )
 
 
 @settings(max_examples=500, deadline=None)
@@ -907,3 +913,134 @@ def test_same_tree_as_defusedxml(fragments: list[str], encoding: str) -> None:
 @given(st.binary(max_size=512))
 def test_same_outcome_as_defusedxml_for_arbitrary_bytes(body: bytes) -> None:
     check_same_tree(body)
+
+
+def _reference_parse_one(data: memoryview) -> tuple[Element, int | None]:
+    """The summary's _parse_one as it was with defusedxml's parser: the reference."""
+    from xml.etree.ElementTree import ParseError
+
+    from defusedxml.ElementTree import DefusedXMLParser
+
+    builder = TreeBuilder()
+    parser = DefusedXMLParser(target=builder, forbid_dtd=True)
+    expat = parser.parser
+    try:
+        idmef._feed(expat, data)  # the same chunks, straight into the same expat
+        root: Element = builder.close()
+    except (ParseError, idmef.ExpatError) as error:
+        end = expat.ErrorByteIndex
+        if not 0 < end < len(data):
+            raise
+        if error.code == idmef._JUNK_AFTER_ROOT:
+            return builder.close(), end
+        return _reference_tree(bytes(data[:end])), end
+    return root, None
+
+
+def _whole_body(body: bytes) -> object:
+    """What the summary makes of a whole body: the summary, the refusal, or unusable."""
+    from defusedxml import DefusedXmlException
+
+    try:
+        return idmef._summarize(body)
+    except DefusedXmlException as refusal:
+        return type(refusal).__name__
+    except idmef._UNUSABLE:
+        return "unusable"
+
+
+def check_same_whole_body(body: bytes) -> None:
+    ours = _whole_body(body)
+    with mock.patch.object(idmef, "_parse_one", _reference_parse_one):
+        assert ours == _whole_body(body)
+
+
+PROLOGS = st.sampled_from(
+    [
+        "",
+        "<?xml version='1.0'?>",
+        "<!DOCTYPE IDMEF-Message>",
+        "<!DOCTYPE IDMEF-Message [<!ENTITY e 'x'>]>",
+        "<!DOCTYPE IDMEF-Message [<!ENTITY % p SYSTEM 'file:///etc/passwd'> %p;]>",
+        "<!DOCTYPE IDMEF-Message [<!NOTATION n SYSTEM 'x'><!ENTITY u SYSTEM 'y' NDATA n>]>",
+        "<!DOCTYPE IDMEF-Message SYSTEM 'http://127.0.0.1:9/idmef.dtd'>",
+        "<!-- comment -->",
+        "<?pi data?>",
+    ]
+)
+MESSAGES = st.sampled_from(
+    [
+        "<IDMEF-Message><Alert messageid='a'><Classification text='c'/></Alert></IDMEF-Message>",
+        "<Heartbeat messageid='h'><HeartbeatInterval>60</HeartbeatInterval></Heartbeat>",
+        "<Alert messageid='&amp;'><Source><Node><name>n</name></Node></Source></Alert>",
+        "<IDMEF-Message><Alert>&e;</Alert></IDMEF-Message>",
+        "<rss/>",
+        "<Alert>",
+    ]
+)
+SEPARATORS = st.sampled_from(["", "\n", "\0", "\ufeff", "\r\n\0\n"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.tuples(SEPARATORS, PROLOGS, MESSAGES), min_size=1, max_size=4),
+    st.sampled_from(["utf-8", "utf-16"]),
+)
+def test_same_outcome_as_defusedxml_with_prologs_between_messages(
+    parts: list[tuple[str, str, str]], encoding: str
+) -> None:
+    """DTDs, entities and notations before any message of a body: the same refusal."""
+    body = "".join(sep + prolog + message for sep, prolog, message in parts)
+    check_same_whole_body(body.encode(encoding))
+
+
+def test_the_prolog_comparison_reaches_refusals() -> None:
+    """The comparison above meets refusals, in later messages too, not only failures."""
+    first = "<!DOCTYPE IDMEF-Message [<!ENTITY e 'x'>]><Alert/>"
+    later = "<Alert/>\n<!DOCTYPE IDMEF-Message><Alert/>"
+    for body in (first, later):
+        assert _whole_body(body.encode()) == "DTDForbidden"
+        check_same_whole_body(body.encode())
+
+
+def test_every_refusal_of_defusedxml_is_set() -> None:
+    """Each expat handler defusedxml's parser uses to refuse is set here too."""
+    from defusedxml.ElementTree import DefusedXMLParser
+
+    theirs = DefusedXMLParser(target=TreeBuilder(), forbid_dtd=True).parser
+    ours = idmef._parser(TreeBuilder())
+    refusing = [
+        name
+        for name in dir(theirs)
+        if name.endswith("Handler")
+        and getattr(getattr(theirs, name), "__name__", "").startswith("defused_")
+    ]
+    assert len(refusing) == 4, refusing
+    for name in refusing:
+        assert getattr(ours, name) is not None, name
+
+
+def test_the_refusals_behind_the_dtd_refusal_work() -> None:
+    """With the DTD let through, entity declarations and external references are
+    still refused, each by its own handler."""
+    from defusedxml import EntitiesForbidden, ExternalReferenceForbidden
+
+    declared = b"<!DOCTYPE a [<!ENTITY e 'x'>]><Alert>&e;</Alert>"
+    unparsed = (
+        b"<!DOCTYPE a [<!NOTATION n SYSTEM 'x'><!ENTITY u SYSTEM 'y' NDATA n>]><Alert/>"
+    )
+    external = (
+        b"<!DOCTYPE a [<!ENTITY x SYSTEM 'file:///etc/passwd'>]><Alert>&x;</Alert>"
+    )
+    with mock.patch.object(idmef, "_refuse_dtd", lambda *a: None):
+        for body in (declared, external):
+            with pytest.raises(EntitiesForbidden):
+                idmef._summarize(body)
+        with mock.patch.object(idmef, "_refuse_entity", lambda *a: None):
+            with pytest.raises(EntitiesForbidden):
+                idmef._summarize(unparsed)
+            with (
+                mock.patch.object(idmef, "_refuse_unparsed_entity", lambda *a: None),
+                pytest.raises(ExternalReferenceForbidden),
+            ):
+                idmef._summarize(external)
