@@ -145,6 +145,8 @@ class ManagerProtocol(SetupReceiver):
         self._close_reason = "peer closed"
         self._urgent_fd: int | None = None
         self._store_failing = False
+        self._unread: list[bytes] = []
+        self._gathering = False
         self._deadline = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
         try:
             self.transport.setTcpNoDelay(True)
@@ -218,10 +220,43 @@ class ManagerProtocol(SetupReceiver):
             self.transport.write(m.status(101))
             # the manager is the TLS server even on a connection it dialed (draft 6.1)
             self.transport.startTLS(self.factory.tls_options(), normal=not self.factory.dialing)
+            self._gather_each_read()
+
+    def _gather_each_read(self) -> None:
+        """
+        Have what one socket read brings reach the data phase at once.
+
+        TLS hands it over one record (16 KiB at most) at a time: a 64 KiB read was four
+        groups of alerts, each with its Deferred, its store hand-off and its answer (a
+        TLS record and a send of its own); at 4 KiB an alert, a record holds only four.
+        startTLS put Twisted's TLS protocol between the TCP transport and this one
+        (C{transport.protocol}).  Its C{dataReceived} is wrapped, as startTLS itself
+        wraps the transport's C{getHandle}, so that the records of one read are
+        gathered and read together once it is decrypted: at the same point of the
+        reactor's turn as before, not after it (a C{callLater(0)} let the store see an
+        empty queue and start a summary pass with alerts already read).
+        """
+        tls = getattr(self.transport, "protocol", None)
+        if tls is None or tls is self:
+            return  # no TLS layer under this protocol: each read arrives whole already
+        decrypt = tls.dataReceived
+
+        def dataReceived(data: bytes) -> None:
+            self._gathering = True
+            try:
+                decrypt(data)
+            finally:
+                self._gathering = False
+                self._read_unread()
+
+        tls.dataReceived = dataReceived
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.state == State.DATA:
-            self._data_received(data)
+            if self._gathering:
+                self._unread.append(data)
+            else:
+                self._data_received(data)
         elif self.state == State.UPGRADE_REQUESTED:
             self.log.warn(
                 "connection {conn} from {peer}: {n} plaintext octets after the upgrade request;"
@@ -295,6 +330,12 @@ class ManagerProtocol(SetupReceiver):
         self.setRawMode()
 
     # -- data phase ------------------------------------------------------------------
+
+    def _read_unread(self) -> None:
+        """The data phase's share of one socket read, gathered (L{_gather_each_read})."""
+        unread, self._unread = self._unread, []
+        if self.state == State.DATA and unread:
+            self._data_received(unread[0] if len(unread) == 1 else b"".join(unread))
 
     def _data_received(self, data: bytes) -> None:
         assert self._reader is not None
@@ -469,6 +510,8 @@ class ManagerProtocol(SetupReceiver):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._unread:  # alerts read before the end: stored, as ever
+            self._read_unread()
         if self._deadline.active():
             self._deadline.cancel()
         self.factory.urgent.unwatch(self._urgent_fd)

@@ -685,6 +685,28 @@ class DataPhaseTests(ManagerCase):
         self.assertTrue(peer.connected_)
 
     @inlineCallbacks
+    def test_alerts_of_one_read_go_to_the_store_together(self) -> Any:
+        """
+        TLS hands over what one socket read brought one record (16 KiB at most) at a
+        time; the manager gives the store the alerts of all of them as one group.
+        """
+        groups: list[int] = []
+        real = self.store.add_many
+
+        def counting(records: Any) -> Any:  # counts, and the real store stores
+            groups.append(len(records))
+            return real(records)
+
+        self.store.add_many = counting  # type: ignore[method-assign]
+        peer = yield self.ready_peer()
+        bodies = [b"%04d" % i + b"x" * 996 for i in range(256)]  # at the limit, 1000
+        peer.transport.write(b"".join(content(b) for b in bodies))
+        yield self.expect(peer, OK * 256)
+        self.assertEqual(self.bodies(), bodies)
+        self.assertEqual(sum(groups), 256)
+        self.assertGreater(max(groups), 16, groups)  # a record ends 16 of them at most
+
+    @inlineCallbacks
     def test_alerts_behind_the_verify_ack(self) -> Any:
         """The client's 200 and its first alerts in the same write."""
         peer = yield self.tls_peer()
