@@ -433,19 +433,19 @@ class GroupCommitStore:
 
     The IDMEF summary costs far more than storing the alert (about 100 us per 1 KiB
     alert with its JSON and its UPDATE, against a few tens for the rest), and the 200
-    depends only on the raw alert being durable.  With a backend that can write summaries later
-    (C{pending_summaries}, C{write_summaries}), alerts are committed without it and
-    summarised afterwards on the same thread, in batches of L{SUMMARY_BATCH}, once a
-    batch has gathered or L{SUMMARY_DELAY} seconds after a commit; when no alert waits
-    for a commit (after a commit of L{SUMMARY_LARGE_COMMIT} alerts or more, once none
-    has been queued or answered for L{SUMMARY_QUIET} seconds), and otherwise once every
-    L{SUMMARY_EVERY} commits, so that a saturated manager spends its time on
-    acknowledgements and catches up on summaries when the load drops.  Summaries are
-    written without an fsync of their own (the next commit's carries them; a summary
-    lost in a crash is computed again).  Heartbeats are summarised in their commit
-    (they update the sensor's heartbeat time; a cheap byte test finds them).  Readers
-    summarise whatever is still pending (L{read_alerts}); after a crash, the pass
-    resumes on the next start.
+    depends only on the raw alert being durable.  With a backend that can write
+    summaries later (C{pending_summaries}, C{write_summaries}), alerts are committed
+    without it and summarised afterwards on the same thread, in batches of
+    L{SUMMARY_BATCH}, once a batch has gathered or L{SUMMARY_DELAY} seconds after a
+    commit; when no alert waits for a commit (after a commit of L{SUMMARY_LARGE_COMMIT}
+    alerts or more, once none has been queued or answered for L{SUMMARY_QUIET} seconds),
+    and otherwise once every L{SUMMARY_EVERY} commits, so that a saturated manager
+    spends its time on acknowledgements and catches up on summaries when the load drops.
+    Summaries are written without an fsync of their own (the next commit's carries them;
+    a summary lost in a crash is computed again).  Heartbeats are summarised in their
+    commit (they update the sensor's heartbeat time; a cheap byte test finds them).
+    Readers summarise whatever is still pending (L{read_alerts}); after a crash, the
+    pass resumes on the next start.
     """
 
     log = Logger()
@@ -731,11 +731,10 @@ class GroupCommitStore:
         After a large commit an empty queue is not a quiet store: the queue is empty
         because its sensors are waiting for the answers, and a pass started then (64
         alerts take some 7 ms, 15-25 ms when this rule was made) holds back the alerts
-        they send next.  With one
-        sensor keeping a window of alerts in flight, that was every commit.  With this
-        rule one sensor went 13,798 -> 17,564 alerts/s at 1 KiB and 8,439 -> 11,358 at
-        4 KiB (medians of 3); at 1,000 alerts/s from 16 sensors (small commits) the
-        median acknowledgement stayed at 3.1 ms (3 pairs).
+        they send next.  With one sensor keeping a window of alerts in flight, that was
+        every commit.  With this rule one sensor went 13,798 -> 17,564 alerts/s at 1 KiB
+        and 8,439 -> 11,358 at 4 KiB (medians of 3); at 1,000 alerts/s from 16 sensors
+        (small commits) the median acknowledgement stayed at 3.1 ms (3 pairs).
         """
         return self._last_activity + self.SUMMARY_QUIET - self._reactor.seconds()
 
