@@ -249,7 +249,10 @@ class ManagerProtocol(SetupReceiver):
                 self._gathering = False
                 self._read_unread()
 
-        tls.dataReceived = dataReceived
+        try:
+            tls.dataReceived = dataReceived
+        except AttributeError:  # a TLS layer that cannot be wrapped: per record, as before
+            return
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.state == State.DATA:
@@ -510,7 +513,7 @@ class ManagerProtocol(SetupReceiver):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._unread:  # alerts read before the end: stored, as ever
+        if self._unread:  # defensive: Twisted ends connections after a read, not in one
             self._read_unread()
         if self._deadline.active():
             self._deadline.cancel()
