@@ -1,8 +1,8 @@
 """
 iapd against itself and its peers, on one machine, in one run.
 
-    python3 bench/run.py              # full run (about 35 minutes), needs root for the peers
-    python3 bench/run.py --smoke      # under a minute, no peers: checks that the harness works
+    python3 bench/run.py              # full run (about 25 minutes), needs root for the peers
+    python3 bench/run.py --smoke      # about a minute, no peers: checks that the harness works
     bench/install-peers               # rsyslog RELP and Prelude from Debian's packages
 
 Prints a table of figures and ratios and writes C{results.json}, C{results.txt} and
