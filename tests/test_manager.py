@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import socket
 from typing import Any
+from unittest import mock
 
 import attr
 from twisted.internet import reactor
@@ -706,6 +707,47 @@ class DataPhaseTests(ManagerCase):
         self.assertEqual(sum(groups), 256)
         per_record = 16384 // len(content(bodies[0])) + 1  # alerts a record can end
         self.assertGreater(max(groups), per_record, groups)
+
+    @inlineCallbacks
+    def test_broken_framing_after_alerts_of_several_records_in_one_read(self) -> Any:
+        """
+        Alerts over several TLS records, broken framing, more alerts, in one write:
+        the alerts before the break are stored and answered 200 in order, then 400
+        and close; nothing after the break is stored.
+        """
+        peer = yield self.ready_peer()
+        before = [b"before %02d " % i + b"b" * 980 for i in range(40)]  # 3 records
+        after = [b"after %02d" % i for i in range(40)]
+        broken = b"Content-Type: application/x-idef-alert\r\nContent-Length: x\r\n\r\n"
+        peer.transport.write(b"".join(content(b) for b in before) + broken + b"".join(content(b) for b in after))
+        yield self.assert_closed_after(peer, OK * 40 + S400)
+        self.assertEqual(self.bodies(), before)
+
+    @inlineCallbacks
+    def test_a_tls_layer_that_cannot_be_wrapped_is_read_per_record(self) -> Any:
+        """Should Twisted's TLS protocol refuse the wrapper, reads go on, record by record."""
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        def refuse(obj: Any, name: str, value: Any) -> None:
+            if name == "dataReceived":
+                raise AttributeError(name)
+            object.__setattr__(obj, name, value)
+
+        groups: list[int] = []
+        real = self.store.add_many
+
+        def counting(records: Any) -> Any:
+            groups.append(len(records))
+            return real(records)
+
+        self.store.add_many = counting  # type: ignore[method-assign]
+        with mock.patch.object(TLSMemoryBIOProtocol, "__setattr__", refuse):
+            peer = yield self.ready_peer()
+            bodies = [b"%04d" % i + b"x" * 996 for i in range(64)]
+            peer.transport.write(b"".join(content(b) for b in bodies))
+            yield self.expect(peer, OK * 64)
+        self.assertEqual(self.bodies(), bodies)
+        self.assertLessEqual(max(groups), 16384 // len(content(bodies[0])) + 1, groups)
 
     @inlineCallbacks
     def test_alerts_behind_the_verify_ack(self) -> Any:
