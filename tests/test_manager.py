@@ -132,6 +132,19 @@ class ManagerCase(ManagerTestCase):
         self.assertTrue(peer.connected_)
         self.assertEqual(self.bodies(), [b"alert after the refusal"])
 
+    def count_store_groups(self) -> list[int]:
+        """The size of each group of alerts handed to the store from now on (the real
+        store still stores them)."""
+        groups: list[int] = []
+        real = self.store.add_many
+
+        def counting(records: Any) -> Any:
+            groups.append(len(records))
+            return real(records)
+
+        self.store.add_many = counting  # type: ignore[method-assign]
+        return groups
+
     def bodies(self) -> list[bytes]:
         return [a["body"] for a in self.stored()]
 
@@ -691,14 +704,7 @@ class DataPhaseTests(ManagerCase):
         TLS hands over what one socket read brought one record (16 KiB at most) at a
         time; the manager gives the store the alerts of all of them as one group.
         """
-        groups: list[int] = []
-        real = self.store.add_many
-
-        def counting(records: Any) -> Any:  # counts, and the real store stores
-            groups.append(len(records))
-            return real(records)
-
-        self.store.add_many = counting  # type: ignore[method-assign]
+        groups = self.count_store_groups()
         peer = yield self.ready_peer()
         bodies = [b"%04d" % i + b"x" * 996 for i in range(256)]  # at the limit, 1000
         peer.transport.write(b"".join(content(b) for b in bodies))
@@ -733,14 +739,7 @@ class DataPhaseTests(ManagerCase):
                 raise AttributeError(name)
             object.__setattr__(obj, name, value)
 
-        groups: list[int] = []
-        real = self.store.add_many
-
-        def counting(records: Any) -> Any:
-            groups.append(len(records))
-            return real(records)
-
-        self.store.add_many = counting  # type: ignore[method-assign]
+        groups = self.count_store_groups()
         with mock.patch.object(TLSMemoryBIOProtocol, "__setattr__", refuse):
             peer = yield self.ready_peer()
             bodies = [b"%04d" % i + b"x" * 996 for i in range(64)]
