@@ -6,11 +6,12 @@ counted in the manager's store.
 Every process here is started by the benchmark, on 127.0.0.1, with files in a temporary
 directory; every process started is stopped (SIGTERM, then SIGKILL after a bounded wait).
 Subprocesses import iapd from this checkout (PYTHONPATH), never from site-packages:
-L{check_imports_here} makes sure of it.
+L{stack} makes sure of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -28,7 +29,11 @@ BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+TWISTD_MAIN = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+DEBIAN_PYTHON = "/usr/bin/python3"
+"""Debian's interpreter: with Debian's python3-twisted, python3-openssl and the rest of the
+.deb's Depends, what a manager installed from the .deb runs on (OpenSSL 3.0 on Debian 12,
+not the OpenSSL bundled in cryptography's wheel)."""
 TICKS = os.sysconf("SC_CLK_TCK")
 MANAGER = "manager.bench"
 SENSOR = "sensor.bench"
@@ -82,15 +87,60 @@ def env() -> dict[str, str]:
     return e
 
 
-def check_imports_here() -> None:
-    """Fail unless a subprocess with L{env} imports iapd from this checkout."""
-    out = subprocess.run(
-        [sys.executable, "-c", "import iapd, twisted.plugins.iapd_plugins as p, iapd.manager_tap as t; print(iapd.__file__)"],
-        env=env(), cwd="/", capture_output=True, text=True, timeout=60,
-    )
-    where = out.stdout.strip()
-    if out.returncode != 0 or not where.startswith(str(ROOT / "iapd")):
-        raise BenchError(f"subprocesses import iapd from {where or out.stderr[-500:]!r}, not from {ROOT}")
+def twistd(python: str | None = None) -> list[str]:
+    """The twistd command, under C{python} (default: this interpreter, with its libraries)."""
+    return [python or sys.executable, "-c", TWISTD_MAIN]
+
+
+_STACK_PROBE = """
+import json, sys
+import attr, cryptography, defusedxml, plyvel, prometheus_client, service_identity, twisted, yaml
+import OpenSSL
+from OpenSSL import SSL
+import iapd, twisted.plugins.iapd_plugins, iapd.manager_tap
+print(json.dumps({"iapd": iapd.__file__, "python": sys.version.split()[0], "twisted": twisted.__version__,
+                  "pyopenssl": OpenSSL.__version__, "cryptography": cryptography.__version__,
+                  "openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}))
+"""
+
+
+class StackMissing(Exception):
+    """An interpreter that cannot run this checkout's iapd: what it lacks."""
+
+
+def stack(python: str | None = None) -> dict[str, str]:
+    """
+    The libraries C{python} runs iapd with (versions of Python, Twisted, pyOpenSSL and
+    the OpenSSL it is linked with), checking that it imports this checkout's iapd and
+    every library the .deb depends on; L{StackMissing} saying what is missing if not.
+    """
+    python = python or sys.executable
+    try:
+        out = subprocess.run([python, "-c", _STACK_PROBE], env=env(), cwd="/", capture_output=True, text=True,
+                             timeout=60)
+    except OSError as e:
+        raise StackMissing(f"{python}: {e}") from None
+    if out.returncode != 0:
+        raise StackMissing(f"{python} cannot run iapd: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    found: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
+    if not found["iapd"].startswith(str(ROOT / "iapd")):
+        raise StackMissing(f"{python} imports iapd from {found['iapd']}, not from {ROOT}")
+    return found
+
+
+def debian_stack() -> tuple[dict[str, str] | None, str]:
+    """
+    Debian's stack (L{DEBIAN_PYTHON}) when it can run iapd and differs from this
+    interpreter's; otherwise None, and why it is left out.
+    """
+    try:
+        theirs = stack(DEBIAN_PYTHON)
+    except StackMissing as e:
+        return None, (f"Debian's stack: {e} (bench/install-peers installs python3-twisted, python3-openssl"
+                      " and the rest of the .deb's Depends)")
+    if theirs == stack():
+        return None, "Debian's stack: this interpreter runs on it already"
+    return theirs, ""
 
 
 def raise_nofile(wanted: int) -> int:
@@ -202,9 +252,13 @@ def prefill_store(db: Path, count: int) -> None:
 
 
 class Manager(Process):
-    """C{twistd iap-manager} on a fresh SQLite store in C{workdir} (or one holding C{prefill} alerts)."""
+    """
+    C{twistd iap-manager} on a fresh SQLite store in C{workdir} (or one holding C{prefill}
+    alerts), under C{python} (L{twistd}).
+    """
 
-    def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager", prefill: int = 0) -> None:
+    def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager", prefill: int = 0,
+                 python: str | None = None) -> None:
         self.port = free_port()
         self.db = workdir / f"{name}.db"
         if prefill:
@@ -217,7 +271,7 @@ class Manager(Process):
             f'store: "sqlite:///{self.db}"\n'
             "limits: {setup_timeout: 120}\n"
         )
-        super().__init__(name, [*TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "iap-manager", "-c", str(conf)],
+        super().__init__(name, [*twistd(python), "--nodaemon", "--pidfile=", "--logfile=-", "iap-manager", "-c", str(conf)],
                          workdir, nofile=nofile)
         wait_port(self.port, 30, self.proc)
 
@@ -298,7 +352,7 @@ class Relay(Process):
                 f'routes: [{{match: "*", upstream: "tcp:host=127.0.0.1:port={target_port}"}}]\n'
                 "limits: {setup_timeout: 120, max_connections: 100000, max_per_source: 100000}\n"
             )
-            cmd = [*TWISTD, "--nodaemon", "--pidfile=", "--logfile=/dev/null", "iap-proxy", "-c", str(conf)]
+            cmd = [*twistd(), "--nodaemon", "--pidfile=", "--logfile=/dev/null", "iap-proxy", "-c", str(conf)]
         elif kind == "socat":
             cmd = ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,nodelay,backlog=1024",
                    f"TCP:127.0.0.1:{target_port},nodelay"]

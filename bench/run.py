@@ -19,15 +19,21 @@ reported, with the lowest and highest:
   throughput   sustained alerts/s from N sensors (1, 16, 256), each keeping a window of
                alerts in flight, every alert committed before its 200; direct, through
                one and two iap-proxy hops, through socat instead of iap-proxy, and
-               without TLS (the benchmark's plain manager); manager and relay CPU per alert;
-               and 16 sensors direct into a store that already holds --grown alerts
+               without TLS (the benchmark's plain manager), and direct on Debian's stack
+               (below); manager and relay CPU per alert; and 16 sensors direct into a
+               store that already holds --grown alerts
   peers        rsyslog RELP (omrelp -> imrelp) over TLS with window 1024 and the stock
                window, over plain TCP; prelude-manager fed by a python3-prelude client;
                and iapd's best direct cases again, beside them
   latency      acknowledgement latency p50/p99 at a fixed offered load, and CPU seconds
                per 10,000 alerts for the manager and each proxy
   scale        N sensors, 1 -> 10,000: time to set them all up, manager memory per idle
-               TLS connection, then alerts/s and memory under load
+               TLS connection, then alerts/s and memory under load; on both stacks
+
+Two stacks: the manager runs under this interpreter with its libraries (pip's, with the
+OpenSSL bundled in cryptography's wheel), and, where Debian's /usr/bin/python3 has the
+libraries the .deb depends on (bench/install-peers installs them), also under Debian's
+Python, Twisted, pyOpenSSL and OpenSSL, which is what the .deb runs on.
 
 Speed is never asserted.  The run fails, loudly and with a non-zero exit, when any alert
 is lost or duplicated: every acknowledged alert must be in the manager's store exactly
@@ -41,7 +47,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -63,9 +68,10 @@ T = TypeVar("T")
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, workdir: Path, debian: bool = False) -> None:
         self.args = args
         self.workdir = workdir
+        self.debian = debian  # whether Debian's stack runs managers too (L{common.stack})
         self.pki = common.make_pki(workdir / "pki")
         self.results: dict[str, Any] = {"throughput": [], "peers": [], "latency": [], "scale": [], "skipped": []}
         self._tags = 0
@@ -151,11 +157,12 @@ class Bench:
         """
         One run against a manager of its own, started for it and deleted after it:
         every run starts from the same empty, idle store, whatever ran before it
-        (C{relay} "plain": the benchmark's manager without TLS).
+        (C{relay} "plain": the benchmark's manager without TLS; "debian": the manager on
+        Debian's stack).
         """
         name = f"manager-{self._tags + 1:04d}"
         manager: Manager | PlainManager = PlainManager(self.workdir, name) if relay == "plain" \
-            else Manager(self.workdir, self.pki, name=name)
+            else Manager(self.workdir, self.pki, name=name, python=common.DEBIAN_PYTHON if relay == "debian" else None)
         chain = None
         try:
             if relay in ("iap-proxy", "socat"):
@@ -205,6 +212,8 @@ class Bench:
         if socat:
             paths += [("socat", "socat", 1), ("socat x2", "socat", 2)]
         paths.append(("direct, no TLS", "plain", 0))
+        if self.debian:
+            paths.append((DEBIAN_DIRECT, "debian", 0))
         for size in a.sizes:
             for sensors in a.sensors:
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in paths}
@@ -257,12 +266,14 @@ class Bench:
     def scale(self) -> None:
         a = self.args
         hard = nofile_hard()
-        for sensors in a.scale:
+        stacks = [(PIP, None)] + ([(DEBIAN, common.DEBIAN_PYTHON)] if self.debian else [])
+        for sensors, (stack, python) in ((n, s) for n in a.scale for s in stacks):
             if sensors + 1000 > hard:
-                self.skip(f"scale {sensors}: the descriptor limit is {hard}; {sensors} sensors need more")
+                self.skip(f"scale {sensors} ({stack}): the descriptor limit is {hard}; {sensors} sensors need more")
                 continue
             common.raise_nofile(sensors + 1000)
-            manager = Manager(self.workdir, self.pki, nofile=sensors + 1000, name=f"manager-scale-{sensors}")
+            manager = Manager(self.workdir, self.pki, nofile=sensors + 1000, name=f"manager-scale-{sensors}-{stack[:3]}",
+                              python=python)
             try:
                 # warm up (store, TLS context, first allocations), then the baseline
                 self.load(manager, manager.port, 4, 1024, 16, 0.3)
@@ -281,8 +292,9 @@ class Bench:
                 r["rss_base_kib"] = base
                 r["rss_idle_kib"] = idle["rss_kib"]
                 r["per_connection_kib"] = (idle["rss_kib"] - base) / sensors
+                r["stack"] = stack
                 self.results["scale"].append(r)
-                self.note(f"  {sensors:>6} sensors (window {window}): set up in {r['setup_s']:.1f} s,"
+                self.note(f"  {sensors:>6} sensors, {stack} (window {window}): set up in {r['setup_s']:.1f} s,"
                           f" {r['per_connection_kib']:.1f} KiB per idle TLS connection,"
                           f" {r['rate']:,.0f} alerts/s, manager RSS {r['rss_loaded_kib'] / 1024:.0f} MiB under load")
             finally:
@@ -351,6 +363,9 @@ class Bench:
 
 
 IAPD_16 = "iapd, 16 sensors"
+PIP = "pip's stack"
+DEBIAN = "Debian's stack"
+DEBIAN_DIRECT = "direct, Debian's"
 IAPD_W1024 = "iapd, 1 sensor, window 1024"
 
 
@@ -417,8 +432,12 @@ def report(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     add = lines.append
     m = results["machine"]
     add(f"iapd benchmark, {results['mode']} run, {m['when']}")
-    add(f"machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']:.0f} GiB, {m['os']}, Python {m['python']},"
-        f" Twisted {m['twisted']}, pyOpenSSL {m['pyopenssl']}, load average at start {m['loadavg']}")
+    add(f"machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']:.0f} GiB, {m['os']},"
+        f" load average at start {m['loadavg']}")
+    for name, st in ((PIP, m), (DEBIAN, m.get("debian_stack"))):
+        if st:
+            add(f"{name}: Python {st['python']}, Twisted {st['twisted']}, pyOpenSSL {st['pyopenssl']},"
+                f" {st.get('openssl', '?')}")
     add("all processes share these cores (the load generator too); figures move by 10-30% between runs")
     add("")
     rounds = results["args"]["rounds"]
@@ -507,12 +526,14 @@ def report(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     sc = results["scale"]
     if sc:
         add("Scale: N sensors over TLS, 1 KiB alerts (window shrinks with N: 64 Ki alerts in flight at most)")
-        add(f"{'sensors':>7} {'window':>6} {'setup s':>8} {'KiB/idle conn':>13} {'alerts/s':>9} {'RSS idle MiB':>12} {'RSS load MiB':>12}")
+        add(f"{'sensors':>7} {'stack':<15} {'window':>6} {'setup s':>8} {'KiB/idle conn':>13} {'alerts/s':>9}"
+            f" {'RSS idle MiB':>12} {'RSS load MiB':>12}")
         for r in sc:
-            add(f"{r['sensors']:>7} {r['window']:>6} {r['setup_s']:>8.1f} {r['per_connection_kib']:>13.1f} {r['rate']:>9,.0f}"
-                f" {r['rss_idle_kib'] / 1024:>12.1f} {r['rss_loaded_kib'] / 1024:>12.1f}")
+            stack = r.get("stack", PIP)
+            add(f"{r['sensors']:>7} {stack:<15} {r['window']:>6} {r['setup_s']:>8.1f} {r['per_connection_kib']:>13.1f}"
+                f" {r['rate']:>9,.0f} {r['rss_idle_kib'] / 1024:>12.1f} {r['rss_loaded_kib'] / 1024:>12.1f}")
             if r["sensors"] >= 1000:
-                goals.append({"goal": f"< 20 KiB per idle sensor connection at {r['sensors']}",
+                goals.append({"goal": f"< 20 KiB per idle sensor connection at {r['sensors']}, {stack}",
                               "value": r["per_connection_kib"], "met": r["per_connection_kib"] < 20})
         add("")
     if goals:
@@ -537,20 +558,27 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     sc = results["scale"]
     if not sc:
         return "no scale results: no plot"
-    n = [r["sensors"] for r in sc]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    ax.plot(n, [r["rate"] for r in sc], "o-", color="tab:blue", label="alerts/s (durable acks)")
+    fig, ax = plt.subplots(figsize=(7, 5.2), dpi=100)
     ax.set_xscale("log")
     ax.set_xlabel("concurrent TLS sensors")
     ax.set_ylabel("alerts/s", color="tab:blue")
-    ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(n, [r["rss_loaded_kib"] / 1024 for r in sc], "s--", color="tab:red", label="manager RSS under load")
-    ax2.plot(n, [r["rss_idle_kib"] / 1024 for r in sc], "^:", color="tab:orange", label="manager RSS idle")
+    for stack, fill in ((PIP, None), (DEBIAN, "none")):
+        rows = [r for r in sc if r.get("stack", PIP) == stack]
+        if not rows:
+            continue
+        n = [r["sensors"] for r in rows]
+        ax.plot(n, [r["rate"] for r in rows], "o-", mfc=fill, color="tab:blue", label=f"alerts/s (durable acks), {stack}")
+        ax2.plot(n, [r["rss_loaded_kib"] / 1024 for r in rows], "s--", mfc=fill, color="tab:red",
+                 label=f"manager RSS under load, {stack}")
+        ax2.plot(n, [r["rss_idle_kib"] / 1024 for r in rows], "^:", mfc=fill, color="tab:orange",
+                 label=f"manager RSS idle, {stack}")
+    ax.set_ylim(bottom=0)
     ax2.set_ylabel("MiB", color="tab:red")
     ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [str(x.get_label()) for x in lines], loc="upper center", fontsize=8)
+    ax.legend(lines, [str(x.get_label()) for x in lines], loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+              fontsize=7)
     ax.set_title(f"iapd manager, 1 KiB alerts, {results['machine']['cpus']} cores shared with the load", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -558,10 +586,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     return None
 
 
-def machine() -> dict[str, Any]:
-    import OpenSSL
-    import twisted
-
+def machine(here: dict[str, str], debian: dict[str, str] | None) -> dict[str, Any]:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -575,7 +600,8 @@ def machine() -> dict[str, Any]:
     except (OSError, KeyError):
         pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": mem, "os": osname,
-            "python": platform.python_version(), "twisted": twisted.__version__, "pyopenssl": OpenSSL.__version__,
+            "python": here["python"], "twisted": here["twisted"], "pyopenssl": here["pyopenssl"],
+            "openssl": here["openssl"], "debian_stack": debian,
             "loadavg": Path("/proc/loadavg").read_text().split()[0], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -616,14 +642,20 @@ def main() -> int:
     if smoke or args.no_peers:
         sections = [s for s in sections if s != "peers"]
 
-    common.check_imports_here()
+    try:
+        here = common.stack()
+    except common.StackMissing as e:
+        raise BenchError(str(e)) from None
+    debian, why_not = common.debian_stack()
     workdir = Path(tempfile.mkdtemp(prefix="iapd-bench-"))
     out = args.out or (workdir / "results" if smoke else common.BENCH / "results")
-    bench = Bench(args, workdir)
-    bench.results.update(mode="smoke" if smoke else "full", machine=machine(),
+    bench = Bench(args, workdir, debian=debian is not None)
+    bench.results.update(mode="smoke" if smoke else "full", machine=machine(here, debian),
                          args={k: v for k, v in vars(args).items() if k != "out"})
     started = time.monotonic()
     try:
+        if why_not:
+            bench.skip(why_not)
         if smoke or args.no_peers:
             bench.skip("peers (rsyslog RELP, Prelude): not run in " + ("smoke mode" if smoke else "this run (--no-peers)"))
         for section in ("throughput", "peers", "latency", "scale"):

@@ -4,6 +4,10 @@ Where the manager's memory per idle TLS sensor goes: OpenSSL's share, measured a
     python3 bench/tls_memory.py           # a few seconds: 500 connections per variant
     python3 bench/tls_memory.py --smoke   # for CI: checks the harness still works
 
+It measures this interpreter's stack, then, where Debian's /usr/bin/python3 can run
+iapd, the same again on Debian's stack, which the .deb runs on (OpenSSL 3.0 on Debian
+12, not the OpenSSL bundled in cryptography's wheel).
+
 C{bench/run.py} measures the whole manager (about 50 KiB per idle sensor, against a goal
 of 20).  This takes the connection objects apart, in one process, with in-memory TLS
 between a manager context and a sensor context made as iapd makes them (iapd/tls.py,
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -83,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=500)
     parser.add_argument("--smoke", action="store_true", help="20 connections: checks the harness, figures mean little")
+    parser.add_argument("--no-debian", action="store_true", help="measure this interpreter's stack only")
     args = parser.parse_args()
     count = 20 if args.smoke else args.connections
 
@@ -105,7 +111,10 @@ def main() -> None:
     def manager_context(variant: str) -> Any:
         context = tls.server_options(manager).getContext()
         if variant == "p256":
-            context.set_tmp_ecdh(ec.SECP256R1())
+            try:
+                context.set_tmp_ecdh(ec.SECP256R1())
+            except AttributeError:  # pyOpenSSL before 24.3 (Debian 12's) takes its own curve objects
+                context.set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
         if variant == "no client cert":
             context.set_verify(SSL.VERIFY_NONE)
         return context
@@ -157,6 +166,18 @@ def main() -> None:
         floor = floor or per
         print(f"{name:28} {per:7.1f} {per / floor:8.2f}x", flush=True)
         del keep
+
+    if args.no_debian:
+        return
+    debian, why_not = common.debian_stack()
+    if debian is None:
+        print(f"skipped: {why_not}")
+        return
+    print(f"\nThe same on Debian's stack, which the .deb runs on ({common.DEBIAN_PYTHON}):", flush=True)
+    again = subprocess.run([common.DEBIAN_PYTHON, __file__, "--connections", str(count), "--no-debian"],
+                           env=common.env(), timeout=600)
+    if again.returncode != 0:
+        raise common.BenchError(f"tls_memory.py on Debian's stack exited with {again.returncode}")
 
 
 if __name__ == "__main__":
