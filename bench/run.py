@@ -363,10 +363,10 @@ class Bench:
 
 
 IAPD_16 = "iapd, 16 sensors"
+IAPD_W1024 = "iapd, 1 sensor, window 1024"
 PIP = "pip's stack"
 DEBIAN = "Debian's stack"
 DEBIAN_DIRECT = "direct, Debian's"
-IAPD_W1024 = "iapd, 1 sensor, window 1024"
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
