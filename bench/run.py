@@ -1,7 +1,7 @@
 """
 iapd against itself and its peers, on one machine, in one run.
 
-    python3 bench/run.py              # full run (about 25 minutes), needs root for the peers
+    python3 bench/run.py              # full run (about 30 minutes), needs root for the peers
     python3 bench/run.py --smoke      # about a minute, no peers: checks that the harness works
     bench/install-peers               # rsyslog RELP and Prelude from Debian's packages
 
