@@ -24,7 +24,8 @@ reported, with the lowest and highest:
                store that already holds --grown alerts
   peers        rsyslog RELP (omrelp -> imrelp) over TLS with window 1024 and the stock
                window, over plain TCP; prelude-manager fed by a python3-prelude client;
-               and iapd's best direct cases again, beside them
+               and iapd's best direct cases again, beside them (16 sensors on both
+               stacks, 1 sensor with window 1024 on pip's)
   latency      acknowledgement latency p50/p99 at a fixed offered load, and CPU seconds
                per 10,000 alerts for the manager and each proxy
   scale        N sensors, 1 -> 10,000: time to set them all up, manager memory per idle
@@ -324,7 +325,9 @@ class Bench:
             cases.append(("prelude-manager", None))
         if not cases:
             return
-        cases += [(IAPD_16, (16, a.window)), (IAPD_W1024, (1, 1024))]
+        cases += [(IAPD_16, (16, a.window, None)), (IAPD_W1024, (1, 1024, None))]
+        if self.debian:
+            cases.append((IAPD_16_DEBIAN, (16, a.window, "debian")))
         with contextlib.ExitStack() as stack:
             setup = stack.enter_context(peers.PreludeSetup(self.workdir)) \
                 if any(name == "prelude-manager" for name, _ in cases) else None
@@ -344,8 +347,8 @@ class Bench:
                         self.forget(setup.workdir / tag)
                         cpu = f"manager {r['manager_cpu_us']:.1f} us/alert"
                     else:
-                        sensors, window = how
-                        r = self.run_path(size, sensors, window)
+                        sensors, window, stack_ = how
+                        r = self.run_path(size, sensors, window, stack_)
                         cpu = f"manager {r['manager_cpu_us']:.1f} us/alert"
                     runs[name].append(r)
                     self.note(f"  {size:>5} B {name:<28} round {rnd + 1} {r['rate']:>9,.0f} /s  {cpu}")
@@ -364,6 +367,7 @@ class Bench:
 
 IAPD_16 = "iapd, 16 sensors"
 IAPD_W1024 = "iapd, 1 sensor, window 1024"
+IAPD_16_DEBIAN = "iapd, 16 sensors, Debian's"
 PIP = "pip's stack"
 DEBIAN = "Debian's stack"
 DEBIAN_DIRECT = "direct, Debian's"
@@ -474,23 +478,27 @@ def report(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     if tp or peers:
         add("Ratios (of medians)")
         for size in results["args"]["sizes"]:
-            ours = [r for r in peers if r["size"] == size and r["peer"] in (IAPD_16, IAPD_W1024)]
-            if ours:  # run beside the peers: compare with these
-                best = max(ours, key=lambda r: r["rate"])
-                label = f"iapd best ({best['peer']}, beside the peers)"
-            else:
-                direct = [r for r in tp if r["size"] == size and r["path"] in ("direct", "direct, window 1024")]
-                best = max(direct, key=lambda r: r["rate"], default=None)
-                label = f"iapd best direct ({best['sensors']} sensors, window {best['window']})" if best else ""
-            for peer, goal in (("RELP TLS, window 1024", 1.0), ("RELP TLS, stock window", None),
-                               ("RELP plain TCP, window 1024", None), ("prelude-manager", 1.5)):
-                p = find(peers, size=size, peer=peer)
-                if not p or not best:
-                    continue
-                ratio = best["rate"] / p["rate"]
-                add(f"{size:>6} B {label} / {peer}: {ratio:.2f}x")
-                if goal:
-                    goals.append({"goal": f"{size} B manager ingest >= {goal}x {peer}", "value": ratio, "met": ratio >= goal})
+            for stack, beside, direct_paths in ((PIP, (IAPD_16, IAPD_W1024), ("direct", "direct, window 1024")),
+                                                (DEBIAN, (IAPD_16_DEBIAN,), (DEBIAN_DIRECT,))):
+                ours = [r for r in peers if r["size"] == size and r["peer"] in beside]
+                if ours:  # run beside the peers: compare with these
+                    best = max(ours, key=lambda r: r["rate"])
+                    label = f"iapd best ({best['peer']}, beside the peers)"
+                else:
+                    direct = [r for r in tp if r["size"] == size and r["path"] in direct_paths]
+                    best = max(direct, key=lambda r: r["rate"], default=None)
+                    label = f"iapd best direct ({best['sensors']} sensors, window {best['window']}, {stack})" \
+                        if best else ""
+                for peer, goal in (("RELP TLS, window 1024", 1.0), ("RELP TLS, stock window", None),
+                                   ("RELP plain TCP, window 1024", None), ("prelude-manager", 1.5)):
+                    p = find(peers, size=size, peer=peer)
+                    if not p or not best:
+                        continue
+                    ratio = best["rate"] / p["rate"]
+                    add(f"{size:>6} B {label} / {peer}: {ratio:.2f}x")
+                    if goal:
+                        goals.append({"goal": f"{size} B manager ingest >= {goal}x {peer}, {stack}", "value": ratio,
+                                      "met": ratio >= goal})
             for sensors in results["args"]["sensors"]:
                 base = find(tp, size=size, sensors=sensors, path="direct")
                 two = find(tp, size=size, sensors=sensors, path="iap-proxy x2")
