@@ -9,9 +9,9 @@ iapd, the same again on Debian's stack, which the .deb runs on (OpenSSL 3.0 on D
 12, not the OpenSSL bundled in cryptography's wheel).
 
 C{bench/run.py} measures the whole manager (about 50 KiB per idle sensor on pip's stack,
-35 on Debian's, against a goal of 20).  This takes the connection objects apart, in one process, with in-memory TLS
-between a manager context and a sensor context made as iapd makes them (iapd/tls.py,
-the benchmark's own test PKI).  For each variant it keeps N manager-side connections
+35 on Debian's, against a goal of 20).  This takes the connection objects apart, in one
+process, with in-memory TLS between a manager context and a sensor context made as iapd
+makes them (iapd/tls.py, the benchmark's own test PKI).  For each variant it keeps N manager-side connections
 and prints the C heap they hold each (glibc C{mallinfo2} after C{malloc_trim}; Python's
 own objects are not in it), compared with the first row, the floor:
 
@@ -113,7 +113,7 @@ def main() -> None:
         if variant == "p256":
             try:
                 context.set_tmp_ecdh(ec.SECP256R1())
-            except AttributeError:  # pyOpenSSL before 24.3 (Debian 12's) takes its own curve objects
+            except AttributeError:  # an older pyOpenSSL (Debian 12's 23.0) takes its own curve objects
                 context.set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
         if variant == "no client cert":
             context.set_verify(SSL.VERIFY_NONE)
