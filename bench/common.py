@@ -128,17 +128,17 @@ def stack(python: str | None = None) -> dict[str, str]:
     return found
 
 
-def debian_stack() -> tuple[dict[str, str] | None, str]:
+def debian_stack(here: dict[str, str]) -> tuple[dict[str, str] | None, str]:
     """
-    Debian's stack (L{DEBIAN_PYTHON}) when it can run iapd and differs from this
-    interpreter's; otherwise None, and why it is left out.
+    Debian's stack (L{DEBIAN_PYTHON}) when it can run iapd and differs from C{here},
+    this interpreter's (L{stack}); otherwise None, and why it is left out.
     """
     try:
         theirs = stack(DEBIAN_PYTHON)
     except StackMissing as e:
         return None, (f"Debian's stack: {e} (bench/install-peers installs python3-twisted, python3-openssl"
                       " and the rest of the .deb's Depends)")
-    if theirs == stack():
+    if theirs == here:
         return None, "Debian's stack: this interpreter runs on it already"
     return theirs, ""
 

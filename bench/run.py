@@ -654,7 +654,7 @@ def main() -> int:
         here = common.stack()
     except common.StackMissing as e:
         raise BenchError(str(e)) from None
-    debian, why_not = common.debian_stack()
+    debian, why_not = common.debian_stack(here)
     workdir = Path(tempfile.mkdtemp(prefix="iapd-bench-"))
     out = args.out or (workdir / "results" if smoke else common.BENCH / "results")
     bench = Bench(args, workdir, debian=debian is not None)

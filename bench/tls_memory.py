@@ -169,7 +169,7 @@ def main() -> None:
 
     if args.no_debian:
         return
-    debian, why_not = common.debian_stack()
+    debian, why_not = common.debian_stack(common.stack())
     if debian is None:
         print(f"skipped: {why_not}")
         return
