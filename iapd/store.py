@@ -213,6 +213,7 @@ class SQLiteBackend:
     """An SQLite file in WAL mode with synchronous=FULL, and its digest index beside it."""
 
     log = Logger()
+    defers_summaries = True  # L{GroupCommitStore}: NULL in C{idmef} is "not yet"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -376,17 +377,18 @@ class SQLiteBackend:
             "SELECT id, body FROM alerts WHERE idmef IS NULL ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
 
-    def write_summaries(self, summaries: Sequence[tuple[int, str]]) -> None:
-        """Set C{(id, JSON text)} summaries, in one transaction."""
+    def write_summaries(self, summaries: Sequence[tuple[int, dict[str, Any] | None]]) -> None:
+        """Set C{(id, summary)} summaries (None: the body has none, JSON C{null}), in one transaction."""
         assert self._db is not None
         db = self._db
+        texts = [(i, json.dumps(summary)) for i, summary in summaries]
         # no fsync for these: the next alert commit's fsync carries them (WAL), and a
         # summary lost in a crash is computed again
         db.execute("PRAGMA synchronous=NORMAL")
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany("UPDATE alerts SET idmef = ? WHERE id = ? AND idmef IS NULL", [(j, i) for i, j in summaries])
+                db.executemany("UPDATE alerts SET idmef = ? WHERE id = ? AND idmef IS NULL", [(j, i) for i, j in texts])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -394,7 +396,7 @@ class SQLiteBackend:
         finally:
             db.execute("PRAGMA synchronous=FULL")
         # each UPDATE writes its row again, body and all; the bodies are not at hand
-        self._checkpoints.committed(db, sum(len(j) for _, j in summaries))
+        self._checkpoints.committed(db, sum(len(j) for _, j in texts))
 
     def close(self) -> None:
         if self._checkpoints is not None:
@@ -434,7 +436,8 @@ class GroupCommitStore:
     The IDMEF summary costs far more than storing the alert (about 100 us per 1 KiB
     alert with its JSON and its UPDATE, against a few tens for the rest), and the 200
     depends only on the raw alert being durable.  With a backend that can write
-    summaries later (C{pending_summaries}, C{write_summaries}), alerts are committed
+    summaries later (C{defers_summaries}, C{pending_summaries}, C{write_summaries}),
+    alerts are committed
     without it and summarised afterwards on the same thread, in batches of
     L{SUMMARY_BATCH}, once a batch has gathered or L{SUMMARY_DELAY} seconds after a
     commit; when no alert waits for a commit (after a commit of L{SUMMARY_LARGE_COMMIT}
@@ -492,7 +495,7 @@ class GroupCommitStore:
         self.committed = 0
         self.commit_observers: list[Any] = []
         """Called as C{observer(alerts, seconds)} after each committed batch."""
-        self._defer_summaries = hasattr(backend, "write_summaries")
+        self._defer_summaries = False  # the backend says, once open (L{_open_backend})
         self._summaries_pending = False
         self._unsummarised = 0  # alerts committed since the last pass found none left
         self._summary_timer: Any = None
@@ -512,19 +515,25 @@ class GroupCommitStore:
         self._pool.start()
         d = self._in_thread(self._open_backend)
 
-        def opened(pending: bool) -> None:
+        def opened(state: tuple[bool, bool]) -> None:
             self._open = True
+            self._defer_summaries, pending = state
             self._summaries_pending = self._summaries_overdue = pending
             # alerts may have queued while the database was being opened
             self._kick()
 
         return d.addCallback(opened)
 
-    def _open_backend(self) -> bool:
-        """Open the database; whether alerts wait for their summary (after a crash)."""
+    def _open_backend(self) -> tuple[bool, bool]:
+        """
+        Open the database; whether it can take summaries after the commit (a backend
+        says so once it has seen its database), and whether alerts wait for theirs
+        (after a crash).
+        """
         self.backend.open()
         try:
-            return self._defer_summaries and bool(self.backend.pending_summaries(1))
+            defer = bool(getattr(self.backend, "defers_summaries", False))
+            return defer, defer and bool(self.backend.pending_summaries(1))
         except BaseException:
             self.backend.close()  # not open as far as the rest knows: close() would skip it
             raise
@@ -784,7 +793,7 @@ class GroupCommitStore:
 
         pending = self.backend.pending_summaries(limit)
         if pending:
-            self.backend.write_summaries([(i, json.dumps(summarize(bytes(body)))) for i, body in pending])
+            self.backend.write_summaries([(i, summarize(bytes(body))) for i, body in pending])
         return len(pending)
 
     def _fail_queue(self, error: StoreError) -> None:
@@ -875,6 +884,12 @@ def alert_dict(row: Any, with_body: bool, *, received: str, via: list[str], idme
     return out
 
 
+PENDING_BODY = "CASE WHEN idmef IS NULL THEN body END AS pending_body"
+"""For readers, the body of an alert stored and not yet summarised, to summarise it
+(SQLite and PostgreSQL; PostgreSQL's JSON null reads as None like SQL NULL, so this
+column, not C{idmef}, tells the two apart)."""
+
+
 def alert_from_row(row: sqlite3.Row, with_body: bool) -> dict[str, Any]:
     """One SQLite row in the field names of C{iapctl alerts --json}, summarising it if the manager has not yet."""
     if row["idmef"] is None:
@@ -924,8 +939,7 @@ def read_alerts(
     db = open_reader(path)
     try:
         rows = db.execute(
-            "SELECT id, sensor, received, content_type, sha256, via, peer, length(body) AS size, idmef,"
-            " CASE WHEN idmef IS NULL THEN body END AS pending_body"
+            f"SELECT id, sensor, received, content_type, sha256, via, peer, length(body) AS size, idmef, {PENDING_BODY}"
             + (", body" if with_body else "")
             + f" FROM alerts{where}{tail}",
             args,
