@@ -20,6 +20,13 @@ before the connection broke turns into duplicates, which are answered 200 too.
 The URL's password never appears in logs or messages: C{str()} of a backend and every
 error message show the URL without it.
 
+IDMEF summaries are written after the commit, as in SQLite (L{GroupCommitStore}):
+SQL NULL in C{idmef} means "not summarised yet", JSON C{null} "no summary".  Passes
+find pending alerts through the partial index C{alerts_unsummarised}; a store made by
+an earlier version gets it when the manager opens it, and where the manager's role may
+not create it, summaries stay in each commit (slower acknowledgements, same data) and
+the log says what to ask the DBA for.
+
 psycopg is imported only when a PostgreSQL store is used: C{pip install
 'iapd[postgresql]'}.
 """
@@ -30,7 +37,10 @@ import datetime
 import re
 from typing import Any, Sequence
 
+from twisted.logger import Logger
+
 from .store import (
+    PENDING_BODY,
     GroupCommitStore,
     Row,
     Seen,
@@ -53,6 +63,8 @@ CONNECT_DEFAULTS = {
     "keepalives_count": "3",
 }
 
+UNSUMMARISED_INDEX = "CREATE INDEX IF NOT EXISTS alerts_unsummarised ON alerts (id) WHERE idmef IS NULL"
+
 SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS alerts (
@@ -69,6 +81,9 @@ SCHEMA = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received)",
+    # what the summary passes read (GroupCommitStore): small, it holds only the alerts
+    # committed and not yet summarised
+    UNSUMMARISED_INDEX,
     """
     CREATE TABLE IF NOT EXISTS sensors (
         identity TEXT PRIMARY KEY,
@@ -238,9 +253,13 @@ def _clean(value: Any) -> Any:
 class PostgresBackend:
     """A PostgreSQL database; every method runs on the store's own thread."""
 
+    log = Logger()
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: Any = None
+        self.defers_summaries = False
+        """Whether summaries may follow the commit: known once open (L{_summary_index})."""
 
     def __str__(self) -> str:
         return redact(self.url)
@@ -252,6 +271,41 @@ class PostgresBackend:
 
     def open(self) -> None:
         self._conn = self._connect_with_schema()
+        try:
+            self.defers_summaries = self._summary_index(self._conn)
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _summary_index(self, conn: Any) -> bool:
+        """
+        Make sure the index the summary passes read exists; whether it does.
+
+        Tables made by this version have it.  For a store made by an earlier one it is
+        created now: a scan of the table under a lock that holds commits back, once.
+        Its rows that have no summary (SQL NULL then) are summarised again, as JSON
+        C{null}, by the passes.  A role that may not create it (tables a DBA made and
+        owns) keeps summaries in the commit.
+        """
+        psycopg = _psycopg()
+        try:
+            if conn.execute("SELECT to_regclass('alerts_unsummarised') IS NOT NULL").fetchone()[0]:
+                return True
+            self.log.info("creating the index alerts_unsummarised in PostgreSQL store {store} (once)", store=str(self))
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                conn.execute(UNSUMMARISED_INDEX)
+        except psycopg.errors.InsufficientPrivilege as e:
+            self.log.warn(
+                "PostgreSQL store {store}: cannot create the index alerts_unsummarised ({why}); IDMEF summaries"
+                " are written in each commit, which slows acknowledgements.  To write them after the commit,"
+                " have the tables' owner run: {sql}",
+                store=str(self), why=_one_line(e, self.url), sql=UNSUMMARISED_INDEX,
+            )
+            return False
+        except psycopg.Error as e:
+            raise StoreError(f"cannot open PostgreSQL store {self}: {_one_line(e, self.url)}") from None
+        return True
 
     def _connect_with_schema(self) -> Any:
         psycopg = _psycopg()
@@ -339,7 +393,8 @@ class PostgresBackend:
             summary = rows[i].summary
             params.append((
                 ids[i], r.sensor, parse_timestamp(r.received), r.content_type, r.sha256, Jsonb(_clean(list(r.via))),
-                r.peer, r.body, None if summary is None else Jsonb(_clean(summary)),
+                # SQL NULL: summarised after the commit; JSON null: there is no summary
+                r.peer, r.body, None if rows[i].pending else Jsonb(_clean(summary)),
             ))
         sensors = self._sensor_updates(rows, seen)
         results = [False] * len(rows)
@@ -359,6 +414,47 @@ class PostgresBackend:
                 for _, statement, values in sensors:
                     cursor.execute(statement, values)
         return results
+
+    # -- summaries after the commit (GroupCommitStore) ---------------------------------
+
+    def _live(self) -> Any:
+        """The connection, opened again if the server dropped it since the last use."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._drop_connection()
+            self._conn = self._connect_with_schema()
+        return self._conn
+
+    def pending_summaries(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to C{limit} alerts stored without their summary, oldest first."""
+        psycopg = _psycopg()
+        try:
+            rows = self._live().execute(
+                "SELECT id, body FROM alerts WHERE idmef IS NULL ORDER BY id LIMIT %s", (limit,)
+            ).fetchall()
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read PostgreSQL store {self}: {_one_line(e, self.url)}") from None
+        return [(alert_id, bytes(body)) for alert_id, body in rows]
+
+    def write_summaries(self, summaries: Sequence[tuple[int, dict[str, Any] | None]]) -> None:
+        """
+        Set C{(id, summary)} summaries, in one transaction, in id order.
+
+        Not waiting for the WAL flush: a summary lost in a crash is computed again.  In
+        id order, so that two managers summarising the same alerts wait for each other
+        instead of deadlocking; the second finds them done and leaves them.
+        """
+        from psycopg.types.json import Jsonb
+
+        psycopg = _psycopg()
+        params = [(Jsonb(_clean(summary)), alert_id) for alert_id, summary in sorted(summaries, key=lambda s: s[0])]
+        try:
+            conn = self._live()
+            with conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit TO OFF")
+                with conn.cursor() as cursor:
+                    cursor.executemany("UPDATE alerts SET idmef = %s WHERE id = %s AND idmef IS NULL", params)
+        except psycopg.Error as e:
+            raise StoreError(f"writing summaries to PostgreSQL store {self} failed: {_one_line(e, self.url)}") from None
 
     @staticmethod
     def _sensor_updates(rows: Sequence[Row], seen: Seen) -> list[tuple[str, str, tuple[Any, ...]]]:
@@ -478,7 +574,13 @@ def glob_regex(pattern: str) -> str | None:
 
 def alert_from_row(row: dict[str, Any], with_body: bool) -> dict[str, Any]:
     """One PostgreSQL row in the field names of C{iapctl alerts --json}, as the SQLite store gives them."""
-    return alert_dict(row, with_body, received=_iso(row["received"]), via=row["via"], idmef=row["idmef"])
+    idmef = row["idmef"]
+    if row.get("pending_body") is not None:
+        # stored, not summarised yet (the manager catches up when it has time)
+        from .idmef import summarize
+
+        idmef = summarize(bytes(row["pending_body"]))
+    return alert_dict(row, with_body, received=_iso(row["received"]), via=row["via"], idmef=idmef)
 
 
 def read_alerts_pg(
@@ -520,7 +622,7 @@ def read_alerts_pg(
         tail = " ORDER BY id"
     rows = run_query(
         url,
-        "SELECT id, sensor, received, content_type, sha256, via, peer, octet_length(body) AS size, idmef"
+        f"SELECT id, sensor, received, content_type, sha256, via, peer, octet_length(body) AS size, idmef, {PENDING_BODY}"
         + (", body" if with_body else "")
         + f" FROM alerts{where}{tail}",
         args,

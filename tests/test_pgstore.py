@@ -22,6 +22,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from iapd.client import deliver
@@ -46,12 +47,17 @@ from iapd.store import (
 )
 from iapd.tls import load_material
 
+from .pg import USER as PG_USER
 from .pg import free_port, pg_database, pg_server  # noqa: F401  (pytest fixtures)
 from .support import IDEF, OK, content
 from .test_idmef import HEARTBEAT
 from .test_manager import IDMEF_ALERT, ManagerCase, within
 
 S503 = b"IAP/0.2 503\r\n\r\n"
+NUMBERED_ALERT = (
+    b'<IDMEF-Message xmlns="http://iana.org/idmef"><Alert messageid="m%d"><Analyzer analyzerid="a"/>'
+    b'<CreateTime>2026-11-23T10:00:00Z</CreateTime><Classification text="c%d"/></Alert></IDMEF-Message>'
+)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -228,6 +234,177 @@ class PostgresStoreTests(unittest.TestCase):
             read_sensors_pg(f"postgresql://iapd:s3cret@127.0.0.1:{free_port()}/x")
         self.assertIn("cannot read PostgreSQL store", str(e.exception))
         self.assertNotIn("s3cret", str(e.exception))
+
+
+def numbered(i: int) -> bytes:
+    """An IDMEF alert whose summary names C{i}: message id mI, classification cI."""
+    return NUMBERED_ALERT % (i, i)
+
+
+def raw_summaries(url: str) -> list[str]:
+    """The idmef column as stored, by id: 'pending' for SQL NULL, else the JSON type."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return [row[0] for row in conn.execute("SELECT coalesce(jsonb_typeof(idmef), 'pending') FROM alerts ORDER BY id")]
+
+
+def old_schema(url: str) -> None:
+    """The tables as an earlier version made them: no alerts_unsummarised index, and
+    SQL NULL for a body that has no summary."""
+    import psycopg
+
+    from iapd import pgstore
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in pgstore.SCHEMA:
+            if statement is not pgstore.UNSUMMARISED_INDEX:
+                conn.execute(statement)
+        conn.execute(
+            "INSERT INTO alerts (sensor, received, content_type, sha256, body, idmef) VALUES"
+            " ('old.test', now(), %s, 'aa', 'not xml', NULL),"
+            " ('old.test', now(), %s, 'bb', 'also not xml', NULL)",
+            (IDEF, IDEF),
+        )
+
+
+@pytest.mark.usefixtures("pg_database")
+class PostgresSummaryTests(unittest.TestCase):
+    """
+    The IDMEF summary is written after the commit, off the acknowledgement path, as in
+    SQLite; readers never see the difference.
+    """
+
+    pg_url: str
+    pg_server: Any
+    timeout = 60
+
+    @inlineCallbacks
+    def open_store(self, url: str | None = None, **attrs: Any) -> Any:
+        store = PostgresStore(url or self.pg_url, reactor)
+        for name, value in attrs.items():
+            setattr(store, name, value)
+        yield store.open()
+        self.addCleanup(store.close)
+        return store
+
+    @inlineCallbacks
+    def wait_summarised(self) -> Any:
+        from twisted.internet.task import deferLater
+
+        for _ in range(200):
+            if "pending" not in raw_summaries(self.pg_url):
+                return
+            yield deferLater(reactor, 0.05)
+        self.fail(f"summaries still pending: {raw_summaries(self.pg_url)}")
+
+    @inlineCallbacks
+    def test_summaries_follow_the_commit(self) -> Any:
+        from iapd.web.query import AlertQuery
+        from iapd.web.readers import StoreReader
+
+        store = yield self.open_store(SUMMARY_DELAY=3600)  # only the question brings a pass
+        self.assertTrue(store.backend.defers_summaries)
+        results = yield DeferredList([store.add(record(numbered(i))) for i in range(5)] + [store.add(record(b"not xml"))])
+        self.assertEqual([r for _, r in results], [True] * 6)
+        # acknowledged before any summary was written
+        self.assertEqual(raw_summaries(self.pg_url), ["pending"] * 6)
+        # readers summarise what is pending: iapctl and the dashboard
+        before = read_alerts_pg(self.pg_url, with_body=True)
+        self.assertEqual([a["idmef"]["classification"] for a in before[:5]], [f"c{i}" for i in range(5)])
+        self.assertIsNone(before[5]["idmef"])
+        page = StoreReader(None, self.pg_url).alerts(AlertQuery())
+        self.assertEqual([a["idmef"] and a["idmef"]["messageid"] for a in page.alerts],
+                         [None] + [f"m{i}" for i in reversed(range(5))])
+        yield store.summarised()
+        # a body without a summary holds JSON null: summarised, never looked at again
+        self.assertEqual(raw_summaries(self.pg_url), ["object"] * 5 + ["null"])
+        self.assertEqual(read_alerts_pg(self.pg_url, with_body=True), before)
+
+    @inlineCallbacks
+    def test_pending_summaries_are_written_after_a_restart(self) -> Any:
+        backend = PostgresBackend(self.pg_url)
+        backend.open()
+        backend.commit([Row(record(numbered(i)), None, pending=True) for i in range(150)], {})  # > one pass
+        backend.close()
+        self.assertEqual(raw_summaries(self.pg_url), ["pending"] * 150)
+        yield self.open_store()
+        yield self.wait_summarised()
+        self.assertEqual([a["idmef"]["messageid"] for a in read_alerts_pg(self.pg_url)], [f"m{i}" for i in range(150)])
+
+    @inlineCallbacks
+    def test_two_managers_summarise_the_same_alerts(self) -> Any:
+        """Both find the same pending alerts and write them at once: neither waits for
+        ever nor fails, and each alert ends with its one summary."""
+        one, two = PostgresBackend(self.pg_url), PostgresBackend(self.pg_url)
+        for backend in (one, two):
+            backend.open()
+            self.addCleanup(backend.close)
+        one.commit([Row(record(numbered(i)), None, pending=True) for i in range(200)], {})
+        barrier = threading.Barrier(2)
+
+        def summarise(backend: PostgresBackend, reverse: bool) -> None:
+            pending = backend.pending_summaries(500)
+            summaries = [(i, summarize(body)) for i, body in pending]
+            barrier.wait(10)
+            backend.write_summaries(summaries[::-1] if reverse else summaries)
+
+        yield within(DeferredList([deferToThread(summarise, one, False), deferToThread(summarise, two, True)],
+                                  fireOnOneErrback=True, consumeErrors=True), 30)
+        self.assertEqual([a["idmef"]["messageid"] for a in read_alerts_pg(self.pg_url)], [f"m{i}" for i in range(200)])
+
+    @inlineCallbacks
+    def test_a_store_made_by_an_earlier_version_gets_the_index(self) -> Any:
+        old_schema(self.pg_url)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        store = yield self.open_store()
+        self.assertTrue(store.backend.defers_summaries)
+        self.assertIn("creating the index alerts_unsummarised", " ".join(formatEvent(e) for e in events))
+        # its NULLs meant "no summary"; now they are pending, and summarised as JSON null
+        yield self.wait_summarised()
+        self.assertEqual(raw_summaries(self.pg_url), ["null", "null"])
+        yield store.add(record(numbered(1)))
+        yield self.wait_summarised()
+        self.assertEqual([a["idmef"] for a in read_alerts_pg(self.pg_url)][:2], [None, None])
+        self.assertEqual(read_alerts_pg(self.pg_url)[2]["idmef"]["messageid"], "m1")
+
+    @inlineCallbacks
+    def test_a_role_that_may_not_create_the_index_summarises_in_the_commit(self) -> Any:
+        """Tables a DBA made and owns, a manager role that may only read and write them:
+        the manager says what to ask for, and every alert has its summary at its 200."""
+        import uuid
+
+        import psycopg
+
+        old_schema(self.pg_url)
+        role = f"iapd_writer_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE ON alerts, sensors TO {role}")
+            conn.execute(f"GRANT USAGE ON SEQUENCE alerts_id_seq TO {role}")
+
+        def drop_role() -> None:
+            with psycopg.connect(self.pg_url, autocommit=True) as conn:
+                conn.execute(f"DROP OWNED BY {role}")
+                conn.execute(f"DROP ROLE {role}")
+
+        self.addCleanup(drop_role)
+        url = self.pg_url.replace(f"//{PG_USER}@", f"//{role}@", 1)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        store = yield self.open_store(url)  # closed before the role is dropped (cleanups run last first)
+        self.assertFalse(store.backend.defers_summaries)
+        logged = " ".join(formatEvent(e) for e in events)
+        self.assertIn("cannot create the index alerts_unsummarised", logged)
+        self.assertIn("have the tables' owner run: CREATE INDEX IF NOT EXISTS alerts_unsummarised", logged)
+        results = yield DeferredList([store.add(record(numbered(i))) for i in range(3)] + [store.add(record(b"x"))])
+        self.assertEqual([r for _, r in results], [True] * 4)
+        # summarised in the commit: nothing pending at the 200 (the old rows keep their NULL)
+        self.assertEqual(raw_summaries(self.pg_url), ["pending"] * 2 + ["object"] * 3 + ["null"])
+        self.assertEqual([a["idmef"] for a in read_alerts_pg(self.pg_url)][:2], [None, None])
 
 
 class PostgresManagerTests(ManagerCase):

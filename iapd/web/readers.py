@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import attr
 
 from .. import pgstore
+from ..store import PENDING_BODY
 from ..store import alert_from_row as sqlite_alert_from_row
 from ..store import open_reader as sqlite_open_reader
 from ..store import read_sensors
@@ -139,11 +140,9 @@ class StoreReader:
 
     def _select(self, with_body: bool = False) -> str:
         columns = ALERT_COLUMNS.format(length=self.dialect.length) + (", body" if with_body else "")
-        if self.store_path is not None:
-            # the SQLite store summarises after the commit: a row read before that is
-            # summarised here, from its body (as iapctl does)
-            columns += ", CASE WHEN idmef IS NULL THEN body END AS pending_body"
-        return "SELECT " + columns
+        # the store summarises after the commit: a row read before that is summarised
+        # here, from its body (as iapctl does)
+        return f"SELECT {columns}, {PENDING_BODY}"
 
     def alerts(self, q: AlertQuery) -> AlertPage:
         """A page of alerts, newest first."""
