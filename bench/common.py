@@ -254,11 +254,12 @@ def prefill_store(db: Path, count: int) -> None:
 class Manager(Process):
     """
     C{twistd iap-manager} on a fresh SQLite store in C{workdir} (or one holding C{prefill}
-    alerts), under C{python} (L{twistd}).
+    alerts), under C{python} (L{twistd}); or on the C{store} URL, for a subclass that
+    knows how to read it (bench/pg.py).
     """
 
     def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager", prefill: int = 0,
-                 python: str | None = None) -> None:
+                 python: str | None = None, store: str | None = None) -> None:
         self.port = free_port()
         self.db = workdir / f"{name}.db"
         if prefill:
@@ -268,7 +269,7 @@ class Manager(Process):
             f"identity: {MANAGER}\n"
             f'listen: ["tcp:{self.port}:interface=127.0.0.1:backlog=4096"]\n'
             f"tls: {{certificate: {pki_dir}/{MANAGER}.crt, key: {pki_dir}/{MANAGER}.key, ca: {pki_dir}/ca.crt}}\n"
-            f'store: "sqlite:///{self.db}"\n'
+            f'store: "{store or f"sqlite:///{self.db}"}"\n'
             "limits: {setup_timeout: 120}\n"
         )
         super().__init__(name, [*twistd(python), "--nodaemon", "--pidfile=", "--logfile=-", "iap-manager", "-c", str(conf)],

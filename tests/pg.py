@@ -67,8 +67,9 @@ def free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary directory; C{start}, C{stop}, C{cleanup}."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, fsync: bool = False) -> None:
         self.bindir = bindir
+        self.fsync = fsync  # off for the tests (speed); on for bench/pg.py, as in production
         self.as_root = os.geteuid() == 0
         self.base = Path(tempfile.mkdtemp(prefix="iapd-pg-"))
         self.data = self.base / "data"
@@ -124,7 +125,8 @@ class PostgresServer:
     def start(self) -> None:
         """Start and wait (bounded) until it accepts connections."""
         for attempt in range(3):
-            options = f"-h 127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off -c max_connections=100"
+            options = (f"-h 127.0.0.1 -p {self.port} -k {self.sockets} -c fsync={'on' if self.fsync else 'off'}"
+                       " -c max_connections=100")
             code = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
                              "-t", str(int(START_TIMEOUT)), "start", check=False)
             if code == 0:
