@@ -20,6 +20,7 @@ exactly once.  Without the server binaries or psycopg it says so and skips.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -105,9 +106,12 @@ def main() -> int:
     if bindir is None:
         print("skipped: no PostgreSQL server binaries (apt-get install postgresql)")
         return 0
+    try:
+        server = PostgresServer(bindir, fsync=True)  # initdb
+    except RuntimeError as e:
+        raise BenchError(f"cannot make a PostgreSQL cluster with {bindir}: {e}") from None
     workdir = Path(tempfile.mkdtemp(prefix="iapd-bench-pg-"))
     bench = Bench(args, workdir)
-    server = PostgresServer(bindir, fsync=True)
     print(f"PostgreSQL from {bindir}, fsync on, port {server.port}; 1 KiB alerts, window 256,"
           f" {args.rounds} round(s) of {args.duration:g} s", flush=True)
     cases = [(store, sensors) for sensors in (1, 16) for store in ("sqlite", "postgresql")]
@@ -131,6 +135,7 @@ def main() -> int:
                   + (f", summaries caught up {catch_up:.1f} s later" if catch_up is not None else ""), flush=True)
     finally:
         server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\n{'store':12} {'sensors':>7} {'alerts/s':>10} {'lowest':>9} {'highest':>9} {'us/alert':>9}"
           f" {'summaries':>10} {'vs SQLite':>10}")

@@ -299,12 +299,16 @@ class PostgresBackend:
             self.log.warn(
                 "PostgreSQL store {store}: cannot create the index alerts_unsummarised ({why}); IDMEF summaries"
                 " are written in each commit, which slows acknowledgements.  To write them after the commit,"
-                " have the tables' owner run: {sql}",
-                store=str(self), why=_one_line(e, self.url), sql=UNSUMMARISED_INDEX,
+                " have the tables' owner run (CONCURRENTLY: without holding commits back): {sql}",
+                store=str(self), why=_one_line(e, self.url),
+                sql=UNSUMMARISED_INDEX.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY"),
             )
             return False
         except psycopg.Error as e:
-            raise StoreError(f"cannot open PostgreSQL store {self}: {_one_line(e, self.url)}") from None
+            raise StoreError(
+                f"cannot open PostgreSQL store {self}: creating the index alerts_unsummarised failed:"
+                f" {_one_line(e, self.url)}"
+            ) from None
         return True
 
     def _connect_with_schema(self) -> Any:
@@ -417,22 +421,32 @@ class PostgresBackend:
 
     # -- summaries after the commit (GroupCommitStore) ---------------------------------
 
-    def _live(self) -> Any:
-        """The connection, opened again if the server dropped it since the last use."""
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._drop_connection()
-            self._conn = self._connect_with_schema()
-        return self._conn
+    def _on_a_live_connection(self, what: str, work: Any) -> Any:
+        """
+        C{work(connection)}, run again once on a new connection if the server dropped
+        the old one (a restart between a commit and a pass is found only now): both
+        reading pending alerts and writing summaries may be repeated.
+        """
+        psycopg = _psycopg()
+        for attempt in range(2):
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._drop_connection()
+                self._conn = self._connect_with_schema()
+            conn = self._conn
+            try:
+                return work(conn)
+            except psycopg.Error as e:
+                if (conn.broken or conn.closed) and attempt == 0:
+                    self._drop_connection()
+                    continue
+                raise StoreError(f"{what} PostgreSQL store {self} failed: {_one_line(e, self.url)}") from None
+        raise AssertionError("not reached")
 
     def pending_summaries(self, limit: int) -> list[tuple[int, bytes]]:
         """Up to C{limit} alerts stored without their summary, oldest first."""
-        psycopg = _psycopg()
-        try:
-            rows = self._live().execute(
-                "SELECT id, body FROM alerts WHERE idmef IS NULL ORDER BY id LIMIT %s", (limit,)
-            ).fetchall()
-        except psycopg.Error as e:
-            raise StoreError(f"cannot read PostgreSQL store {self}: {_one_line(e, self.url)}") from None
+        rows = self._on_a_live_connection("reading alerts to summarise from", lambda conn: conn.execute(
+            "SELECT id, body FROM alerts WHERE idmef IS NULL ORDER BY id LIMIT %s", (limit,)
+        ).fetchall())
         return [(alert_id, bytes(body)) for alert_id, body in rows]
 
     def write_summaries(self, summaries: Sequence[tuple[int, dict[str, Any] | None]]) -> None:
@@ -445,16 +459,15 @@ class PostgresBackend:
         """
         from psycopg.types.json import Jsonb
 
-        psycopg = _psycopg()
         params = [(Jsonb(_clean(summary)), alert_id) for alert_id, summary in sorted(summaries, key=lambda s: s[0])]
-        try:
-            conn = self._live()
+
+        def write(conn: Any) -> None:
             with conn.transaction():
                 conn.execute("SET LOCAL synchronous_commit TO OFF")
                 with conn.cursor() as cursor:
                     cursor.executemany("UPDATE alerts SET idmef = %s WHERE id = %s AND idmef IS NULL", params)
-        except psycopg.Error as e:
-            raise StoreError(f"writing summaries to PostgreSQL store {self} failed: {_one_line(e, self.url)}") from None
+
+        self._on_a_live_connection("writing summaries to", write)
 
     @staticmethod
     def _sensor_updates(rows: Sequence[Row], seen: Seen) -> list[tuple[str, str, tuple[Any, ...]]]:

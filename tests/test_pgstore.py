@@ -333,6 +333,22 @@ class PostgresSummaryTests(unittest.TestCase):
         self.assertEqual([a["idmef"]["messageid"] for a in read_alerts_pg(self.pg_url)], [f"m{i}" for i in range(150)])
 
     @inlineCallbacks
+    def test_a_server_restart_between_commit_and_pass(self) -> Any:
+        """The pass finds the connection dead, opens a new one and writes the
+        summaries: no error, nothing left pending until some later commit."""
+        store = yield self.open_store(SUMMARY_DELAY=3600)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield DeferredList([store.add(record(numbered(i))) for i in range(5)])
+        yield deferToThread(self.pg_server.stop, "fast")
+        yield deferToThread(self.pg_server.start)
+        yield within(store.summarised(), 30)
+        self.assertEqual(raw_summaries(self.pg_url), ["object"] * 5)
+        self.assertEqual([formatEvent(e) for e in events if e.get("log_level") and e["log_level"].name in
+                          ("error", "critical")], [])
+
+    @inlineCallbacks
     def test_two_managers_summarise_the_same_alerts(self) -> Any:
         """Both find the same pending alerts and write them at once: neither waits for
         ever nor fails, and each alert ends with its one summary."""
@@ -399,7 +415,9 @@ class PostgresSummaryTests(unittest.TestCase):
         self.assertFalse(store.backend.defers_summaries)
         logged = " ".join(formatEvent(e) for e in events)
         self.assertIn("cannot create the index alerts_unsummarised", logged)
-        self.assertIn("have the tables' owner run: CREATE INDEX IF NOT EXISTS alerts_unsummarised", logged)
+        self.assertIn("have the tables' owner run (CONCURRENTLY: without holding commits back):"
+                      " CREATE INDEX CONCURRENTLY IF NOT EXISTS alerts_unsummarised ON alerts (id) WHERE idmef IS NULL",
+                      logged)
         results = yield DeferredList([store.add(record(numbered(i))) for i in range(3)] + [store.add(record(b"x"))])
         self.assertEqual([r for _, r in results], [True] * 4)
         # summarised in the commit: nothing pending at the 200 (the old rows keep their NULL)

@@ -55,10 +55,13 @@ def in_thread(reactor: Any, store: Any = None) -> Callable[..., Deferred[Any]]:
     """Run a blocking read in the reactor's thread pool, never on the reactor.
 
     With C{store}, a read first waits (at most L{SUMMARY_WAIT} seconds) until the
-    alerts committed so far are summarised: the SQLite store writes summaries after
-    the commit, and a filter on severity or classification must not miss an alert that
-    is stored but not yet summarised.  Past the wait the read goes ahead (rows still
+    alerts committed so far are summarised: the store writes summaries after the
+    commit, and a filter on severity or classification must not miss an alert that is
+    stored but not yet summarised.  Past the wait the read goes ahead (rows still
     unsummarised are summarised when read, but only filters in SQL can select them).
+    Only this manager's commits are waited for: with several managers on one
+    PostgreSQL database, another's fresh alerts match such a filter once it has
+    summarised them.
     """
 
     def run(f: Any, *args: Any) -> Deferred[Any]:
