@@ -387,6 +387,27 @@ class PostgresSummaryTests(unittest.TestCase):
         self.assertEqual(read_alerts_pg(self.pg_url)[2]["idmef"]["messageid"], "m1")
 
     @inlineCallbacks
+    def test_an_index_that_cannot_be_built_fails_the_start_clearly(self) -> Any:
+        """Another session holds the old table locked past the manager's lock_timeout:
+        the store does not open, says why, and the stored alerts are untouched."""
+        import psycopg
+
+        old_schema(self.pg_url)
+        before = read_alerts_pg(self.pg_url, with_body=True)
+        holder = psycopg.connect(self.pg_url)
+        self.addCleanup(holder.close)
+        holder.execute("LOCK TABLE alerts IN EXCLUSIVE MODE")  # held until rollback
+        url = self.pg_url + "?options=-c%20lock_timeout%3D300"
+        store = PostgresStore(url, reactor)
+        failure = yield self.assertFailure(within(store.open(), 30), StoreError)
+        yield store.close()
+        self.assertIn("creating the index alerts_unsummarised failed:", str(failure))
+        self.assertIn("lock timeout", str(failure))
+        holder.rollback()
+        self.assertEqual(read_alerts_pg(self.pg_url, with_body=True), before)
+        self.assertEqual(raw_summaries(self.pg_url), ["pending", "pending"])
+
+    @inlineCallbacks
     def test_a_role_that_may_not_create_the_index_summarises_in_the_commit(self) -> Any:
         """Tables a DBA made and owns, a manager role that may only read and write them:
         the manager says what to ask for, and every alert has its summary at its 200."""
