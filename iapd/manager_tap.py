@@ -227,8 +227,9 @@ def makeService(options: Options) -> service.IService:
     metrics = ManagerMetrics()
     metrics.certificate_expiry.set(options.material.not_after().timestamp())
     factory = ManagerFactory(settings_from(config, options.material), store, reactor, metrics)
-    add_listeners(top, reactor, config.listen, factory)
+    # before the listeners: they bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, ManagerReload(factory, config, metrics), "manager").setServiceParent(top)
+    add_listeners(top, reactor, config.listen, factory)
     for text in config.dial:
         # draft 6.1: the manager opens the TCP connection, the sensor still speaks first
         dialer = ClientService(

@@ -79,8 +79,9 @@ def makeService(options: Options) -> service.IService:
     config: ProxyConfig = options.proxy_config
     top = service.MultiService()
     factory = ProxyFactory(settings_from(config), reactor)
-    add_listeners(top, reactor, config.listen, factory)
+    # before the listeners: they bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, ProxyReload(factory, config), "proxy").setServiceParent(top)
+    add_listeners(top, reactor, config.listen, factory)
     log.info(
         "proxy {identity}: listening on {listen}, routes {routes}",
         identity=config.identity, listen=list(config.listen),

@@ -26,18 +26,40 @@ log = Logger(namespace="iapd.reload")
 
 
 class ReloadOnHangup(service.Service):
-    """Calls C{reload()} on the reactor each time the process gets SIGHUP."""
+    """
+    Calls C{reload()} on the reactor each time the process gets SIGHUP.
+
+    The handler goes in at L{privilegedStartService}, and the daemons add this service
+    before their listeners: twistd binds listening ports there, before the reactor
+    runs and long before L{startService}, and SIGHUP's default action ends the
+    process.  A SIGHUP in between (a log rotation, an operator who saw the port open)
+    took the daemon down.  One that comes before the services have started reloads
+    once they all have.
+    """
 
     def __init__(self, reactor: Any, reload: Callable[[], None], what: str) -> None:
         self.reactor = reactor
         self.reload = reload
         self.what = what
         self._previous: Any = None
+        self._held = False  # a SIGHUP came before startService
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._install()
 
     def startService(self) -> None:
         super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        self._install()
         log.info("{what}: send SIGHUP to reload certificates, keys, CAs and allow-lists", what=self.what)
+        if self._held:
+            # once every service has started (they start one after the other, now)
+            self._held = False
+            self.reactor.callLater(0, self._run)
+
+    def _install(self) -> None:
+        if self._previous is None:
+            self._previous = signal.signal(signal.SIGHUP, self._hangup)
 
     def stopService(self) -> Any:
         if self._previous is not None:
@@ -49,6 +71,9 @@ class ReloadOnHangup(service.Service):
         self.reactor.callFromThread(self._run)
 
     def _run(self) -> None:
+        if not self.running:
+            self._held = True
+            return
         try:
             self.reload()
         except Exception:

@@ -45,6 +45,7 @@ def makeService(options: Options) -> service.IService:
         sensor = SensorService(options.sensor_config, options.material, reactor)
     except ConfigError as e:
         configuration_error("iap-sensor", e)
-    sensor.setServiceParent(top)
+    # before the sensor's services: its listeners bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, sensor.reload, "sensor").setServiceParent(top)
+    sensor.setServiceParent(top)
     return top

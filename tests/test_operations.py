@@ -256,3 +256,41 @@ def test_json_log_lines_name_the_connection_and_the_sensor(tmp_path: Path, pki_d
     assert len(closed) == 1 and closed[0]["sensor"] == "sensor1.test" and closed[0]["stored"] == 1
     too_big = [e for e in events if e.get("sensor") == "sensor2.test" and e["level"] == "warn"]
     assert too_big and all(e["conn"] != conn for e in too_big)
+
+
+def test_a_sighup_as_soon_as_the_port_opens_reloads_and_does_not_kill(tmp_path: Path, pki_dir: Path) -> None:
+    """
+    twistd binds the listening port before the reactor runs: a SIGHUP sent the moment
+    the port opens (a log rotation, an operator who saw it open) used to meet SIGHUP's
+    default action and end the manager.  Now it is taken from then on, and the reload
+    runs once the manager has started.
+    """
+    port, web = free_port(), free_port()
+    p = pki_dir
+    (tmp_path / "manager.yaml").write_text(MANAGER_YAML.format(
+        port=port, web=web, cert=p / "manager.test.crt", key=p / "manager.test.key", ca=p / "ca.crt",
+        sensors='["*.test"]',
+    ))
+    daemon = Daemon(["iap-manager", "-c", "manager.yaml"], tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert daemon.proc.poll() is None, daemon.log()
+                assert time.monotonic() < deadline, f"nothing listens on {port}:\n{daemon.log()}"
+                time.sleep(0.001)
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "reloaded " not in daemon.log():
+            assert daemon.proc.poll() is None, f"the manager ended on SIGHUP:\n{daemon.log()}"
+            assert time.monotonic() < deadline, f"no reload logged:\n{daemon.log()}"
+            time.sleep(0.05)
+        with SyncSensor(port, "manager.test", p / "sensor1.test.crt", p / "sensor1.test.key", p / "ca.crt").connect() as s:
+            assert s.send(b"after the early SIGHUP") == 200
+    finally:
+        code = daemon.stop()
+    assert code in (0, -signal.SIGTERM), daemon.log()
+    assert "Traceback" not in daemon.log(), daemon.log()
