@@ -401,6 +401,12 @@ class ManagerProtocol(SetupReceiver):
 
         def settled(results: list[Any]) -> None:
             ok = m.ok(self.version)
+            stored = results.count(True)
+            duplicates = results.count(False)
+            if stored + duplicates == len(results):  # the usual case: all committed
+                self._store_failing = False
+                self._answered(slot, ok * len(results), stored, duplicates)
+                return
             answers = []
             stored = duplicates = 0
             for result in results:
@@ -421,16 +427,20 @@ class ManagerProtocol(SetupReceiver):
                     self.rejected += 1
                     metrics.alerts_rejected.labels(503).inc()
                     answers.append(m.status(503, self.version))
-            self.stored += stored
-            self.duplicates += duplicates
-            if stored:
-                metrics.alerts_stored.inc(stored)
-            if duplicates:
-                metrics.alerts_duplicate.inc(duplicates)
-            slot.response = b"".join(answers)
-            self._settle(slot)
+            self._answered(slot, b"".join(answers), stored, duplicates)
 
         d.addCallback(settled)
+
+    def _answered(self, slot: _Pending, response: bytes, stored: int, duplicates: int) -> None:
+        self.stored += stored
+        self.duplicates += duplicates
+        metrics = self.factory.metrics
+        if stored:
+            metrics.alerts_stored.inc(stored)
+        if duplicates:
+            metrics.alerts_duplicate.inc(duplicates)
+        slot.response = response
+        self._settle(slot)
 
     def _settle(self, slot: _Pending) -> None:
         self._in_flight_bytes -= slot.size

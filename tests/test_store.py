@@ -90,6 +90,45 @@ class StoreTests(unittest.TestCase):
         yield store.close()
 
     @inlineCallbacks
+    def test_a_busy_sensor_does_not_crowd_the_others_out_of_a_commit(self) -> Any:
+        """Past max_batch, each sensor's queue gives an equal share in turn; each
+        sensor's alerts keep their order."""
+        store = SQLiteStore(self.path, reactor, max_batch=10)
+        commits: list[int] = []
+        store.commit_observers.append(lambda alerts, seconds: commits.append(alerts))
+        opening = store.open()  # both queues fill before the first commit can start
+        busy = store.add_many([record(b"busy %02d" % i, "a.test") for i in range(30)])
+        quiet = store.add_many([record(b"quiet %d" % i, "b.test") for i in range(3)])
+        yield opening
+        self.assertEqual((yield within(busy)), [True] * 30)
+        self.assertEqual((yield within(quiet)), [True] * 3)
+        yield store.close()
+        self.assertEqual([c for c in commits if c], [10, 10, 10, 3])
+        stored = read_alerts(self.path, with_body=True)
+        first_commit = [a["sensor"] for a in stored[:10]]
+        self.assertEqual(first_commit.count("b.test"), 3)
+        for sensor, prefix in (("a.test", b"busy"), ("b.test", b"quiet")):
+            bodies = [a["body"] for a in stored if a["sensor"] == sensor]
+            self.assertEqual(bodies, sorted(bodies))
+            self.assertTrue(all(b.startswith(prefix) for b in bodies))
+
+    @inlineCallbacks
+    def test_everything_queued_goes_into_one_commit_when_it_fits(self) -> Any:
+        store = SQLiteStore(self.path, reactor, max_batch=64)
+        commits: list[int] = []
+        store.commit_observers.append(lambda alerts, seconds: commits.append(alerts))
+        opening = store.open()
+        groups = [store.add_many([record(b"%s %02d" % (s.encode(), i), s) for i in range(16)])
+                  for s in ("a.test", "b.test", "c.test", "d.test")]
+        yield opening
+        for group in groups:
+            self.assertEqual((yield within(group)), [True] * 16)
+        self.assertEqual(store.backlog, 0)
+        yield store.close()
+        self.assertEqual([c for c in commits if c], [64])
+        self.assertEqual(len(read_alerts(self.path)), 64)
+
+    @inlineCallbacks
     def test_close_commits_what_is_queued(self) -> Any:
         store = SQLiteStore(self.path, reactor)
         yield store.open()
