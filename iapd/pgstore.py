@@ -392,11 +392,20 @@ class PostgresBackend:
                 )
             )
         params = []
+        # what the alerts of a connection, or of a second, share is converted once
+        vias: dict[tuple[str, ...], Jsonb] = {}
+        times: dict[str, Any] = {}
         for i in order:
             r = rows[i].record
             summary = rows[i].summary
+            via = vias.get(r.via)
+            if via is None:
+                via = vias[r.via] = Jsonb(_clean(list(r.via)))
+            received = times.get(r.received)
+            if received is None:
+                received = times[r.received] = parse_timestamp(r.received)
             params.append((
-                ids[i], r.sensor, parse_timestamp(r.received), r.content_type, r.sha256, Jsonb(_clean(list(r.via))),
+                ids[i], r.sensor, received, r.content_type, r.sha256, via,
                 # SQL NULL: summarised after the commit; JSON null: there is no summary
                 r.peer, r.body, None if rows[i].pending else Jsonb(_clean(summary)),
             ))

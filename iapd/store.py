@@ -341,12 +341,17 @@ class SQLiteBackend:
             return []
         before = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
         inserted = 0
+        # the alerts of one connection share their VIA: its JSON is made once per
+        # commit, not per alert (2 us each, a twelfth of the manager's work per alert)
+        via_json: dict[tuple[str, ...], str] = {(): "[]"}
         for start in range(0, len(rows), self.INSERT_CHUNK):
             chunk = rows[start:start + self.INSERT_CHUNK]
             params: list[Any] = []
             for row in chunk:
                 r = row.record
-                via = json.dumps(list(r.via)) if r.via else "[]"
+                via = via_json.get(r.via)
+                if via is None:
+                    via = via_json[r.via] = json.dumps(list(r.via))
                 params += (r.sensor, r.received, r.content_type, r.sha256, via, r.peer, r.body,
                            None if row.pending else json.dumps(row.summary))
             cursor = db.execute(

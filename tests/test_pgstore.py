@@ -103,6 +103,22 @@ class PostgresStoreTests(unittest.TestCase):
         self.assertEqual(stored[0]["size"], len(b"alert 0"))
 
     @inlineCallbacks
+    def test_each_alert_keeps_its_own_via_and_time_in_a_shared_commit(self) -> Any:
+        """Alerts through different proxy chains and received in different seconds, in
+        one commit: each row keeps its own, although the commit converts each once."""
+        chains = [(), ("p1.test",), ("p2.test", "p3.test"), ("p1.test",), ()]
+        times = [at(0), at(1), at(0), at(2), at(1)]
+        store = PostgresStore(self.pg_url, reactor)
+        opening = store.open()
+        added = store.add_many([record(NUMBERED_ALERT % (i, i), via=via, received=when)
+                                for i, (via, when) in enumerate(zip(chains, times))])
+        yield opening
+        self.addCleanup(store.close)
+        self.assertEqual((yield within(added)), [True] * 5)
+        stored = sorted(read_alerts_pg(self.pg_url, with_body=True), key=lambda a: a["body"])
+        self.assertEqual([(a["via"], a["received"]) for a in stored], [(list(c), t) for c, t in zip(chains, times)])
+
+    @inlineCallbacks
     def test_same_body_from_another_sensor_is_another_alert(self) -> Any:
         store = yield self.open_store()
         first = yield store.add(record(b"x", "a.test"))

@@ -90,6 +90,20 @@ class StoreTests(unittest.TestCase):
         yield store.close()
 
     @inlineCallbacks
+    def test_each_alert_keeps_its_own_via_in_a_shared_commit(self) -> Any:
+        """Alerts of connections through different proxy chains (and none), in one
+        commit: each row keeps its own chain, although the commit converts each chain once."""
+        store = SQLiteStore(self.path, reactor)
+        chains = [(), ("p1.test",), ("p2.test", "p3.test"), ("p1.test",), ()]
+        opening = store.open()
+        added = store.add_many([AlertRecord(sensor="s1.test", content_type=IDEF, body=b"chain %d" % i, via=via)
+                                for i, via in enumerate(chains)])
+        yield opening
+        self.assertEqual((yield within(added)), [True] * 5)
+        yield store.close()
+        self.assertEqual([a["via"] for a in read_alerts(self.path)], [list(c) for c in chains])
+
+    @inlineCallbacks
     def test_a_busy_sensor_does_not_crowd_the_others_out_of_a_commit(self) -> Any:
         """Past max_batch, each sensor's queue gives an equal share in turn; each
         sensor's alerts keep their order."""
