@@ -207,7 +207,7 @@ class ContentReader:
         self._header: ContentHeader | None = None
         self._header_error: WireError | None = None
         self._broken = False
-        self._last_block: bytes | None = None
+        self._last_framed: bytes | None = None  # the last header block, with its CRLF CRLF
         self._last_header: tuple[ContentHeader, WireError | None] = (ContentHeader(None, 0), None)
 
     @property
@@ -223,6 +223,15 @@ class ContentReader:
         buf = self._buffer
         try:
             while True:
+                last = self._last_framed
+                if self._header is None and last is not None and buf.startswith(last, pos):
+                    # a sensor sends the same header again and again (same type, often
+                    # the same length): recognised in place, without searching for its
+                    # end or copying it.  The header's first CRLF CRLF is where it was
+                    # the first time, since the octets before it are the same.
+                    pos += len(last)
+                    self._scan_from = 0
+                    self._header, self._header_error = self._last_header
                 if self._header is None:
                     end = buf.find(b"\r\n\r\n", max(pos, self._scan_from - 3))
                     if end < 0:
@@ -240,26 +249,21 @@ class ContentReader:
                     block = bytes(buf[pos:end])
                     pos = end + 4
                     self._scan_from = 0
-                    if block == self._last_block:
-                        # a sensor sends the same header again and again (same type,
-                        # often the same length): parsed and checked once
-                        self._header, self._header_error = self._last_header
-                    else:
-                        parsed = parse_content_header(block, self._max)
-                        if isinstance(parsed, WireError):
-                            self._broken = True
-                            yield parsed
-                            return
-                        self._header = parsed
-                        self._header_error = self._check_type(parsed)
-                        self._last_block, self._last_header = block, (parsed, self._header_error)
+                    parsed = parse_content_header(block, self._max)
+                    if isinstance(parsed, WireError):
+                        self._broken = True
+                        yield parsed
+                        return
+                    self._header = parsed
+                    self._header_error = self._check_type(parsed)
+                    self._last_framed, self._last_header = block + b"\r\n\r\n", (parsed, self._header_error)
                 header = self._header
                 assert header.content_length is not None
                 need = header.content_length + 4
                 if len(buf) - pos < need:
                     return
                 body_end = pos + header.content_length
-                if buf[body_end : body_end + 4] != b"\r\n\r\n":
+                if not buf.startswith(b"\r\n\r\n", body_end):
                     self._broken = True
                     yield bad_request("alert body is not followed by CRLF CRLF (wrong Content-Length?)")
                     return

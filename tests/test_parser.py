@@ -911,3 +911,88 @@ def test_reader_memory_bounded_general(pieces: list[bytes], cuts: list[int]) -> 
             continue
         # an incomplete header (bounded) or an incomplete body of at most limit + 4 octets
         assert r.buffered <= max(MAX_HEADER_BYTES, limit + 3)
+
+
+def _reference_events(data: bytes, limit: int) -> list[tuple[object, ...]]:
+    """
+    The data phase of a whole stream, parsed the plain way: every header searched for
+    and parsed anew.  L{ContentReader} recognises a repeated header in place and reads
+    in pieces; whatever it does, it must find what this finds.
+    """
+    events: list[tuple[object, ...]] = []
+    pos = 0
+    while True:
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            tail = len(data) - pos - next((n for n in (3, 2, 1) if data.endswith(b"\r\n\r\n"[:n])), 0)
+            if tail > MAX_HEADER_BYTES:
+                events.append(("fatal", 400))
+            return events
+        if end - pos > MAX_HEADER_BYTES:
+            return events + [("fatal", 400)]
+        header = parse_content_header(data[pos:end], limit)
+        if isinstance(header, WireError):
+            return events + [("fatal", header.code)]
+        pos = end + 4
+        assert header.content_length is not None
+        if len(data) - pos < header.content_length + 4:
+            return events
+        body_end = pos + header.content_length
+        if data[body_end:body_end + 4] != b"\r\n\r\n":
+            return events + [("fatal", 400)]
+        body, pos = data[pos:body_end], body_end + 4
+        if header.content_type is None:
+            events.append(("refused", 400))
+        elif media_type(header.content_type) not in ACCEPTED:
+            events.append(("refused", 415))
+        else:
+            events.append(("content", header.content_type, body))
+
+
+def _as_tuples(events: list[object]) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for event in events:
+        if isinstance(event, Content):
+            out.append(("content", event.content_type, event.body))
+        elif isinstance(event, Refused):
+            out.append(("refused", event.error.code))
+        else:
+            assert isinstance(event, WireError)
+            out.append(("fatal", event.code))
+    return out
+
+
+repeated_piece = st.one_of(
+    stream_piece,
+    # the same header again and again, as sensors send it, with bodies that may or
+    # may not fit it, and the same header whose next octets differ
+    st.sampled_from([
+        b"Content-Type: application/x-idef-alert\r\nContent-Length: 3\r\n\r\nabc\r\n\r\n",
+        b"Content-Type: application/x-idef-alert\r\nContent-Length: 3\r\n\r\nab\r\n\r\n",
+        b"Content-Type: application/x-idef-alert\r\nContent-Length: 3\r\n\r\n\r\n\r\n\r\n",
+        b"Content-Type: application/x-idef-alert\r\nContent-Length: 3\r\n\r",
+        b"Content-Type: application/x-idef-alert\r\nContent-Length: 30\r\n\r\nabc\r\n\r\n",
+        b"Content-Type: text/plain\r\nContent-Length: 3\r\n\r\nabc\r\n\r\n",
+        b"\x00Content-Type: application/x-idef-alert\r\n",
+    ]),
+)
+
+
+@PROPERTY
+@given(st.lists(repeated_piece, max_size=30), st.lists(st.integers(0, 3000), max_size=15))
+def test_reader_finds_what_a_plain_parse_finds(pieces: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(pieces)
+    expected = _reference_events(data, 1000)
+    assert _as_tuples(feed_all(reader(limit=1000), data)) == expected
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    split = feed_all(reader(limit=1000), *(data[a:b] for a, b in zip(points, points[1:])))
+    assert _as_tuples(split) == expected
+
+
+def test_reader_repeated_header_with_other_length_is_parsed_again() -> None:
+    """A header recognised in place is the same octets: a new length is read anew."""
+    first = alert(b"abc")
+    other = alert(b"abcdefgh")
+    assert feed_all(reader(), first + first + other + first) == [
+        Content(IDEF_ALERT, b"abc"), Content(IDEF_ALERT, b"abc"), Content(IDEF_ALERT, b"abcdefgh"),
+        Content(IDEF_ALERT, b"abc")]
