@@ -94,7 +94,7 @@ def twistd(python: str | None = None) -> list[str]:
 
 _STACK_PROBE = """
 import json, sys
-import attr, cryptography, defusedxml, plyvel, prometheus_client, service_identity, twisted, yaml
+import attr, cryptography, defusedxml, numpy, plyvel, prometheus_client, service_identity, twisted, yaml
 import OpenSSL
 from OpenSSL import SSL
 import iapd, twisted.plugins.iapd_plugins, iapd.manager_tap
@@ -275,6 +275,18 @@ class Manager(Process):
         super().__init__(name, [*twistd(python), "--nodaemon", "--pidfile=", "--logfile=-", "iap-manager", "-c", str(conf)],
                          workdir, nofile=nofile)
         wait_port(self.port, 30, self.proc)
+        if prefill:
+            # a manager that has been running for a while answers new alerts from the
+            # digest filter; after a start it fills it from the index first (seconds)
+            self.wait_log("the digest filter holds", 120)
+
+    def wait_log(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log_tail(1 << 20):
+            self.alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: no {text!r} in its log after {timeout} s")
+            time.sleep(0.1)
 
     def last_id(self) -> int:
         if not self.db.exists():

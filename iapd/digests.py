@@ -32,13 +32,18 @@ The SQLite file is the record and the index only ever follows it:
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import plyvel
 from twisted.logger import Logger
+
+from .digestfilter import DigestFilter
 
 _WATERMARK = b"\x00watermark"
 """The highest alert id in the index and its key (sensor names never start with NUL)."""
@@ -53,6 +58,9 @@ CHECKPOINT_EVERY = 131_072
 """Alert ids between durable watermarks: at most this many alerts (some seconds of
 work) are added from the file again after a crash."""
 CATCH_UP_CHUNK = 10_000
+FILL_CHUNK = 20_000
+"""Keys read from the index per step while the filter is filled: the store's thread may
+wait for one step (some 20 ms) to add the keys of its commit."""
 
 _NOWHERE = (b"\xff\xff", b"\xff\xff\xff")
 """A key range holding no key: compacting it only flushes the memtable."""
@@ -94,6 +102,12 @@ class DigestIndex:
     Which (sensor, digest) pairs an SQLite store holds, and under which alert id.
 
     Every method runs on the store's own thread, with that thread's connection.
+
+    In front of it, a L{DigestFilter} in memory answers for most new alerts.  It is
+    filled from the index by a thread of its own after each open (or rebuild): until it
+    is full, every lookup goes to LevelDB.  Every key the index is given goes to the
+    filter first, so that a filter that is full never lacks one; should it fail to take
+    one, it is dropped, and lookups go to LevelDB again.
     """
 
     log = Logger()
@@ -101,6 +115,10 @@ class DigestIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: plyvel.DB | None = None
+        self._filter: DigestFilter | None = None
+        self._filter_full = False
+        self._filling: threading.Thread | None = None
+        self._stop_filling = threading.Event()
         self._covered = (0, b"")  # the watermark: ids up to this one are in the index
         self._durable = 0
         self._stored = 0  # the highest id committed to the file, as far as we know
@@ -109,6 +127,10 @@ class DigestIndex:
 
     def open(self, db: sqlite3.Connection) -> None:
         """Open the index and bring it up to date with the file; rebuild it if it does not match."""
+        self._open_index(db)
+        self._start_filter()
+
+    def _open_index(self, db: sqlite3.Connection) -> None:
         try:
             # first, so that a second manager is told so before it touches the file
             self._db = self._open_leveldb()
@@ -225,6 +247,7 @@ class DigestIndex:
 
     def _write(self, entries: Sequence[tuple[bytes, int]], last_id: int, last_key: bytes) -> None:
         assert self._db is not None
+        self._to_filter([key for key, _ in entries])
         watermark = _mark(last_id, last_key)
         with self._db.write_batch() as batch:
             for key, alert_id in entries:
@@ -257,6 +280,7 @@ class DigestIndex:
             return self._stored_ids(db, keys)
         except plyvel.Error as e:
             self._rebuild(db, f"the index failed ({why(e)})")
+            self._start_filter()
             return self._stored_ids(db, keys)
 
     def _stored_ids(self, db: sqlite3.Connection, keys: Sequence[bytes]) -> list[int | None]:
@@ -265,8 +289,13 @@ class DigestIndex:
             # the last index write failed (logged): the file is the record, catch up
             self._catch_up(db)
         get = self._db.get
-        found = [int.from_bytes(value, "big") if (value := get(key, verify_checksums=True)) else None
-                 for key in keys]
+        if self._filter_full and self._filter is not None:
+            maybe = self._filter.might_contain(keys)
+            found = [int.from_bytes(value, "big") if held and (value := get(key, verify_checksums=True)) else None
+                     for key, held in zip(keys, maybe)]
+        else:
+            found = [int.from_bytes(value, "big") if (value := get(key, verify_checksums=True)) else None
+                     for key in keys]
         hits = sorted({i for i in found if i is not None})
         if not hits:
             return found
@@ -314,13 +343,78 @@ class DigestIndex:
         self._close_leveldb()
 
     def _close_leveldb(self) -> None:
+        self._stop_filter()  # its thread reads the index
         if self._db is not None:
             try:
                 self._db.close()
             finally:
                 self._db = None
 
+    # -- the filter in front --------------------------------------------------------
+
+    def _start_filter(self) -> None:
+        """A new filter, filled from what the index holds now by a thread of its own."""
+        self._stop_filter()
+        if self._db is None:
+            return
+        self._filter = DigestFilter(expected=self._stored + self._stored // 4)
+        self._filter_full = False
+        self._stop_filling = threading.Event()
+        # taken here, on the store's thread: the keys written from now on go to the
+        # filter through _write, those written before are in this snapshot
+        keys = self._db.iterator(include_value=False, fill_cache=False)
+        self._filling = threading.Thread(target=self._fill, args=(self._filter, keys, self._stop_filling),
+                                         name="iapd-digest-filter", daemon=True)
+        self._filling.start()
+
+    def _fill(self, target: DigestFilter, keys: Any, stop: threading.Event) -> None:
+        started = time.monotonic()
+        try:
+            with keys:
+                while chunk := list(itertools.islice(keys, FILL_CHUNK)):
+                    if stop.is_set():
+                        return
+                    target.add([key for key in chunk if not key.startswith(b"\x00")])  # not the watermarks
+        except Exception as e:  # the filter stays unused: every lookup goes to LevelDB
+            self.log.error("filling the digest filter from {path} failed ({why}); lookups go to the index",
+                           path=str(self.path), why=why(e))
+            return
+        if self._filter is target:
+            self._filter_full = True
+        self.log.info("the digest filter holds {count} digests in {mib:.1f} MiB (filled in {seconds:.1f} s)",
+                      count=target.count, mib=target.nbytes / 2**20, seconds=time.monotonic() - started)
+
+    def _stop_filter(self) -> None:
+        """Stop filling (before the index closes) and drop the filter."""
+        self._filter, self._filter_full = None, False
+        filling, self._filling = self._filling, None
+        if filling is not None:
+            self._stop_filling.set()
+            filling.join()
+
+    def _to_filter(self, keys: list[bytes]) -> None:
+        if self._filter is None:
+            return
+        try:
+            self._filter.add(keys)
+        except Exception as e:  # a filter that lacks a key must not be used
+            self.log.error("the digest filter could not take {count} digests ({why}); lookups go to the index"
+                           " until the next start", count=len(keys), why=why(e))
+            self._stop_filter()
+
+    def wait_filter(self, timeout: float) -> bool:
+        """Wait until the filter is full; whether it is (for tests and the benchmark)."""
+        filling = self._filling
+        if filling is not None:
+            filling.join(timeout)
+        return self._filter_full
+
     @property
     def state(self) -> dict[str, Any]:
         """Where the index stands, for tests and diagnostics."""
         return {"covered": self._covered[0], "durable": self._durable, "stored": self._stored}
+
+    @property
+    def filter_state(self) -> str:
+        """C{full} (lookups of new alerts skip LevelDB), C{filling}, or C{none}."""
+        return "none" if self._filter is None else "full" if self._filter_full else "filling"

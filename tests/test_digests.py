@@ -18,6 +18,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +295,110 @@ def test_damaged_table_blocks_are_found_and_the_index_rebuilt(path: Path, logged
     finally:
         backend.close()
     assert stored(path) == (3010, 3010)
+
+
+# -- the filter in front of the index ---------------------------------------------
+
+
+def keys_of(batch: list[Row]) -> list[bytes]:
+    return [digest_key(row.record.sensor, row.record.sha256) for row in batch]
+
+
+def test_the_filter_is_filled_from_the_index_and_answers_for_new_alerts(path: Path, logged: Any) -> None:
+    assert commit(path, rows(0, 500)) == [True] * 500
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        digests = backend.digests
+        assert digests.wait_filter(30) and digests.filter_state == "full"
+        assert digests._filter is not None
+        assert digests._filter.might_contain(keys_of(rows(0, 500))) == [True] * 500
+        assert sum(digests._filter.might_contain(keys_of(rows(500, 1000)))) < 50  # the rest: false positives
+        # retransmissions are still found (the filter says maybe, the index says where)
+        assert backend.commit(rows(490, 20), {}) == [False] * 10 + [True] * 10
+    finally:
+        backend.close()
+    assert stored(path) == (510, 510)
+    assert "the digest filter holds 500 digests" in text(logged)
+
+
+@pytest.fixture
+def held_filter(monkeypatch: Any) -> Any:
+    """The filter's thread waits at its start until the test lets it go."""
+    from iapd import digests as module
+
+    release = threading.Event()
+    fill = module.DigestIndex._fill
+
+    def held(self: Any, target: Any, keys: Any, stop: threading.Event) -> None:
+        for _ in range(3000):  # until released, or until the index closes
+            if release.is_set() or stop.is_set():
+                break
+            time.sleep(0.01)
+        fill(self, target, keys, stop)
+
+    monkeypatch.setattr(module.DigestIndex, "_fill", held)
+    yield release
+    release.set()
+
+
+def test_while_the_filter_fills_lookups_go_to_the_index_and_nothing_is_lost(path: Path, held_filter: Any) -> None:
+    """Alerts committed while the filter is filled from a snapshot of the index go to
+    the filter too: once full, it still knows them, and their retransmissions are found."""
+    assert commit(path, rows(0, 300)) == [True] * 300
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        digests = backend.digests
+        assert digests.filter_state == "filling"
+        # answered by LevelDB meanwhile, old and new alike
+        assert backend.commit(rows(290, 20), {}) == [False] * 10 + [True] * 10
+        assert backend.commit(rows(310, 100), {}) == [True] * 100  # after the snapshot
+        held_filter.set()
+        assert digests.wait_filter(30) and digests.filter_state == "full"
+        assert backend.commit(rows(0, 420), {}) == [False] * 410 + [True] * 10
+    finally:
+        backend.close()
+    assert stored(path) == (420, 420)
+
+
+def test_a_filter_that_cannot_take_a_key_is_dropped(path: Path, logged: Any, monkeypatch: Any) -> None:
+    """A filter that lacks a key would take its retransmission for a new alert: it is
+    no longer used, and the index answers every lookup."""
+    from iapd.digestfilter import DigestFilter
+
+    assert commit(path, rows(0, 100)) == [True] * 100
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        assert backend.digests.wait_filter(30)
+
+        def no_room(self: Any, keys: Any) -> None:
+            raise MemoryError("no room for a new generation")
+
+        monkeypatch.setattr(DigestFilter, "add", no_room)
+        assert backend.commit(rows(100, 50), {}) == [True] * 50
+        assert backend.digests.filter_state == "none"
+        assert backend.commit(rows(0, 160), {}) == [False] * 150 + [True] * 10
+    finally:
+        backend.close()
+    assert stored(path) == (160, 160)
+    assert "the digest filter could not take 50 digests (no room for a new generation); lookups go to the index" \
+        in text(logged)
+
+
+def test_a_rebuilt_index_gets_a_new_filter(path: Path, logged: Any) -> None:
+    assert commit(path, rows(0, 200)) == [True] * 200
+    shutil.rmtree(path.parent / "alerts.db-digests")
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        assert backend.digests.wait_filter(30)
+        assert backend.commit(rows(150, 100), {}) == [False] * 50 + [True] * 50
+    finally:
+        backend.close()
+    assert stored(path) == (250, 250)
+    assert "rebuilding the digest index" in text(logged)
 
 
 def test_a_missing_index_is_rebuilt(path: Path, logged: Any) -> None:
