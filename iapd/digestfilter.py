@@ -17,8 +17,8 @@ index is added to it first.  The bit positions are taken from the SHA-256 in the
 from two sensors is a false positive, answered by LevelDB as before.
 
 The filter grows in generations, each twice the size of the last, so that nothing
-needs to be known in advance and nothing is rehashed: about 10-20 bits per stored
-alert (1.2-2.5 MiB per million).
+needs to be known in advance and nothing is rehashed: 10 to 60 bits per stored alert
+(1.2-7 MiB per million), depending on how full the newest generation is.
 """
 
 from __future__ import annotations
@@ -46,20 +46,26 @@ class _Generation:
         self.count = 0
 
     def positions(self, h1: np.ndarray, h2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The octet and the bit mask of each of the HASHES positions of each key (double hashing)."""
+        """The octet and the bit (0-7) of each of the HASHES positions of each key (double hashing)."""
         steps = np.arange(HASHES, dtype=np.uint64)
         where = (h1[:, None] + steps[None, :] * h2[:, None]) & self.mask
-        return where >> np.uint64(3), np.left_shift(np.uint8(1), (where & np.uint64(7)).astype(np.uint8))
+        return where >> np.uint64(3), (where & np.uint64(7)).astype(np.uint8)
 
     def add(self, h1: np.ndarray, h2: np.ndarray) -> None:
-        octets, masks = self.positions(h1, h2)
-        # ufunc.at: two positions of one batch may share an octet, and neither bit may be lost
-        np.bitwise_or.at(self.bits, octets.ravel(), masks.ravel())
+        octets, bits = self.positions(h1, h2)
+        octets, bits = octets.ravel(), bits.ravel()
+        # Two positions of one batch may share an octet, and neither bit may be lost: an
+        # indexed |= with repeated indices keeps only one of their results.  One pass
+        # per bit: within it, repeated octets all get the same bit, whichever result is
+        # kept.  (np.bitwise_or.at does the same, slower: 0.59 against 0.32 us per key
+        # on Debian's numpy 1.24.)
+        for bit in range(8):
+            self.bits[octets[bits == bit]] |= np.uint8(1 << bit)
         self.count += len(h1)
 
     def holds(self, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
-        octets, masks = self.positions(h1, h2)
-        return np.all((self.bits[octets] & masks) != 0, axis=1)
+        octets, bits = self.positions(h1, h2)
+        return np.all((self.bits[octets] >> bits) & np.uint8(1), axis=1)
 
 
 def _hashes(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +78,18 @@ class DigestFilter:
     The keys of the digest index, as a Bloom filter: L{might_contain} is False only for
     a key never added.  L{add} may be called from two threads (the store's, and the one
     filling the filter from the index at open); it is serialised.
+
+    The thread that fills it says how that went: C{full} once every key of the index is
+    in it, C{damage} when the index could not be read (LevelDB's message), C{failed}
+    when anything else stopped it.
     """
 
     def __init__(self, expected: int = 0) -> None:
         self._lock = threading.Lock()
         self._generations = [_Generation(max(MIN_CAPACITY, expected))]
+        self.full = False
+        self.damage: str | None = None
+        self.failed = False
 
     def add(self, keys: Sequence[bytes]) -> None:
         if not keys:

@@ -32,7 +32,6 @@ The SQLite file is the record and the index only ever follows it:
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import sqlite3
 import threading
@@ -53,6 +52,7 @@ _CLEAN = b"\x00clean"
 """The watermark at the last clean close; removed (synced) when the store opens."""
 _STORE = b"\x00store"
 """The token of the SQLite file the index was built from (its C{iapd_meta} row)."""
+_METADATA = frozenset({_WATERMARK, _DURABLE, _CLEAN, _STORE})
 
 CHECKPOINT_EVERY = 131_072
 """Alert ids between durable watermarks: at most this many alerts (some seconds of
@@ -104,10 +104,12 @@ class DigestIndex:
     Every method runs on the store's own thread, with that thread's connection.
 
     In front of it, a L{DigestFilter} in memory answers for most new alerts.  It is
-    filled from the index by a thread of its own after each open (or rebuild): until it
-    is full, every lookup goes to LevelDB.  Every key the index is given goes to the
+    filled from the index by a thread of its own after each open (or rebuild), reading
+    with checksums: until it is full, every lookup goes to LevelDB, and damage it meets
+    has the index rebuilt at the next lookup.  Every key the index is given goes to the
     filter first, so that a filter that is full never lacks one; should it fail to take
-    one, it is dropped, and lookups go to LevelDB again.
+    one, it is dropped, and lookups go to LevelDB again.  (That thread runs L{_fill}
+    only; L{wait_filter} and L{filter_state} may be asked from any thread.)
     """
 
     log = Logger()
@@ -116,7 +118,6 @@ class DigestIndex:
         self.path = path
         self._db: plyvel.DB | None = None
         self._filter: DigestFilter | None = None
-        self._filter_full = False
         self._filling: threading.Thread | None = None
         self._stop_filling = threading.Event()
         self._covered = (0, b"")  # the watermark: ids up to this one are in the index
@@ -285,12 +286,15 @@ class DigestIndex:
 
     def _stored_ids(self, db: sqlite3.Connection, keys: Sequence[bytes]) -> list[int | None]:
         assert self._db is not None
+        if self._filter is not None and self._filter.damage is not None:
+            self._rebuild(db, f"the index is damaged ({self._filter.damage}; found while filling the filter)")
+            self._start_filter()
         if self._covered[0] < self._stored:
             # the last index write failed (logged): the file is the record, catch up
             self._catch_up(db)
         get = self._db.get
-        if self._filter_full and self._filter is not None:
-            maybe = self._filter.might_contain(keys)
+        maybe = self._ask_filter(keys)
+        if maybe is not None:
             found = [int.from_bytes(value, "big") if held and (value := get(key, verify_checksums=True)) else None
                      for key, held in zip(keys, maybe)]
         else:
@@ -357,57 +361,97 @@ class DigestIndex:
         self._stop_filter()
         if self._db is None:
             return
-        self._filter = DigestFilter(expected=self._stored + self._stored // 4)
-        self._filter_full = False
+        try:
+            target = DigestFilter(expected=self._stored + self._stored // 4)
+            # taken here, on the store's thread: the keys written from now on go to the
+            # filter through _write, those written before are in this snapshot
+            keys = self._db.raw_iterator(verify_checksums=True, fill_cache=False)
+        except Exception as e:
+            self.log.error("the digest filter could not be made ({why}); lookups go to the index", why=why(e))
+            return
+        self._filter = target
         self._stop_filling = threading.Event()
-        # taken here, on the store's thread: the keys written from now on go to the
-        # filter through _write, those written before are in this snapshot
-        keys = self._db.iterator(include_value=False, fill_cache=False)
-        self._filling = threading.Thread(target=self._fill, args=(self._filter, keys, self._stop_filling),
+        self._filling = threading.Thread(target=self._fill, args=(target, keys, self._stop_filling),
                                          name="iapd-digest-filter", daemon=True)
         self._filling.start()
 
     def _fill(self, target: DigestFilter, keys: Any, stop: threading.Event) -> None:
+        """
+        Add every key of the snapshot C{keys} to C{target}, a chunk at a time.  A raw
+        iterator, because it reports LevelDB's errors at every step: plyvel's plain
+        iterator ends quietly at a block it cannot read, and the filter would then be
+        full without that block's keys.
+        """
         started = time.monotonic()
         try:
-            with keys:
-                while chunk := list(itertools.islice(keys, FILL_CHUNK)):
-                    if stop.is_set():
-                        return
-                    target.add([key for key in chunk if not key.startswith(b"\x00")])  # not the watermarks
-        except Exception as e:  # the filter stays unused: every lookup goes to LevelDB
+            keys.seek_to_first()
+            while keys.valid():
+                if stop.is_set():
+                    return
+                chunk = []
+                while len(chunk) < FILL_CHUNK and keys.valid():
+                    key = keys.key()
+                    if key not in _METADATA:
+                        chunk.append(key)
+                    keys.next()
+                target.add(chunk)
+        except plyvel.CorruptionError as e:
+            target.damage = why(e)
+            self.log.error("the digest index {path} is damaged ({why}): it is rebuilt from the store at the next"
+                           " lookup", path=str(self.path), why=why(e))
+            return
+        except Exception as e:
+            target.failed = True
             self.log.error("filling the digest filter from {path} failed ({why}); lookups go to the index",
                            path=str(self.path), why=why(e))
             return
-        if self._filter is target:
-            self._filter_full = True
+        finally:
+            keys.close()
+        target.full = True
         self.log.info("the digest filter holds {count} digests in {mib:.1f} MiB (filled in {seconds:.1f} s)",
                       count=target.count, mib=target.nbytes / 2**20, seconds=time.monotonic() - started)
 
     def _stop_filter(self) -> None:
         """Stop filling (before the index closes) and drop the filter."""
-        self._filter, self._filter_full = None, False
+        self._filter = None
         filling, self._filling = self._filling, None
         if filling is not None:
             self._stop_filling.set()
             filling.join()
 
     def _to_filter(self, keys: list[bytes]) -> None:
-        if self._filter is None:
+        target = self._filter
+        if target is None:
+            return
+        if target.failed:
+            self._stop_filter()  # it will never be used: no need to keep it growing
             return
         try:
-            self._filter.add(keys)
+            target.add(keys)
         except Exception as e:  # a filter that lacks a key must not be used
             self.log.error("the digest filter could not take {count} digests ({why}); lookups go to the index"
                            " until the next start", count=len(keys), why=why(e))
             self._stop_filter()
 
+    def _ask_filter(self, keys: Sequence[bytes]) -> list[bool] | None:
+        """Which keys the index may hold, by the filter; None when it cannot say."""
+        target = self._filter
+        if target is None or not target.full:
+            return None
+        try:
+            return target.might_contain(keys)
+        except Exception as e:
+            self.log.error("the digest filter could not be asked ({why}); lookups go to the index until the next"
+                           " start", why=why(e))
+            self._stop_filter()
+            return None
+
     def wait_filter(self, timeout: float) -> bool:
-        """Wait until the filter is full; whether it is (for tests and the benchmark)."""
-        filling = self._filling
+        """Wait until the filter has been filled, or could not be; whether it is full."""
+        filling, target = self._filling, self._filter
         if filling is not None:
             filling.join(timeout)
-        return self._filter_full
+        return target is not None and target.full
 
     @property
     def state(self) -> dict[str, Any]:
@@ -416,5 +460,9 @@ class DigestIndex:
 
     @property
     def filter_state(self) -> str:
-        """C{full} (lookups of new alerts skip LevelDB), C{filling}, or C{none}."""
-        return "none" if self._filter is None else "full" if self._filter_full else "filling"
+        """C{full} (lookups of new alerts skip LevelDB), C{filling}, C{damaged}, C{failed} or C{none}."""
+        target = self._filter
+        if target is None:
+            return "none"
+        return ("full" if target.full else "damaged" if target.damage is not None else "failed" if target.failed
+                else "filling")

@@ -387,6 +387,36 @@ def test_a_filter_that_cannot_take_a_key_is_dropped(path: Path, logged: Any, mon
         in text(logged)
 
 
+def test_damage_the_filter_meets_has_the_index_rebuilt(path: Path, logged: Any) -> None:
+    """Data blocks damaged while no manager ran, which the open does not read (the middle
+    of each table: its index and filter blocks are at its end, the watermarks in its
+    first block): filling the filter reads every block with its checksum, and the next
+    lookup rebuilds the index instead of trusting a filter that lacks their keys."""
+    commit(path, rows(0, 3000))
+    tables = list((path.parent / "alerts.db-digests").glob("*.ldb"))
+    assert tables
+    for table in tables:
+        size = table.stat().st_size
+        assert size > 65536
+        with table.open("r+b") as f:
+            f.seek(size // 3)
+            f.write(b"\x5a" * (size // 3))
+    backend = SQLiteBackend(path)
+    backend.open()
+    try:
+        digests = backend.digests
+        assert not digests.wait_filter(30)
+        assert digests.filter_state == "damaged"
+        assert "is damaged" in text(logged) and "rebuilt from the store at the next lookup" in text(logged)
+        assert backend.commit(rows(2990, 20), {}) == [False] * 10 + [True] * 10
+        assert "rebuilding the digest index" in text(logged)
+        assert digests.wait_filter(30) and digests.filter_state == "full"
+        assert backend.commit(rows(0, 3020), {}) == [False] * 3010 + [True] * 10
+    finally:
+        backend.close()
+    assert stored(path) == (3020, 3020)
+
+
 def test_a_rebuilt_index_gets_a_new_filter(path: Path, logged: Any) -> None:
     assert commit(path, rows(0, 200)) == [True] * 200
     shutil.rmtree(path.parent / "alerts.db-digests")
