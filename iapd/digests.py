@@ -378,9 +378,9 @@ class DigestIndex:
     def _fill(self, target: DigestFilter, keys: Any, stop: threading.Event) -> None:
         """
         Add every key of the snapshot C{keys} to C{target}, a chunk at a time.  A raw
-        iterator, because it reports LevelDB's errors at every step: plyvel's plain
-        iterator ends quietly at a block it cannot read, and the filter would then be
-        full without that block's keys.
+        iterator with checksums, because it reports LevelDB's status at every step: a
+        block that cannot be read stops the filling (and has the index rebuilt) instead
+        of leaving a filter called full without that block's keys.
         """
         started = time.monotonic()
         try:
