@@ -21,7 +21,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import plyvel
 import pytest
@@ -273,19 +273,26 @@ def test_a_damaged_index_is_rebuilt(path: Path, logged: Any, damage: str) -> Non
     assert "rebuilding the digest index" in text(logged)
 
 
+def damage_tables(path: Path, span: Callable[[int], tuple[int, int]], larger_than: int) -> None:
+    """Overwrite the octets C{span(size)} (start, end) of every table of the index, as a
+    failing disk would, while no manager runs."""
+    tables = list((path.parent / "alerts.db-digests").glob("*.ldb"))
+    assert tables
+    for table in tables:
+        size = table.stat().st_size
+        assert size > larger_than
+        start, end = span(size)
+        with table.open("r+b") as f:
+            f.seek(start)
+            f.write(b"\x5a" * (end - start))
+
+
 def test_damaged_table_blocks_are_found_and_the_index_rebuilt(path: Path, logged: Any) -> None:
     """Blocks of the index's tables damaged in place, as a failing disk would, while no
     manager runs: the next start (or the first lookup that meets the damage) rebuilds
     the index from the file, and retransmissions are still recognised."""
     commit(path, rows(0, 3000))
-    tables = list((path.parent / "alerts.db-digests").glob("*.ldb"))
-    assert tables
-    for table in tables:
-        size = table.stat().st_size
-        assert size > 16384
-        with table.open("r+b") as f:
-            f.seek(8192)
-            f.write(b"\x5a" * (size - 8192 - 300))
+    damage_tables(path, lambda size: (8192, size - 300), larger_than=16384)
     backend = SQLiteBackend(path)
     backend.open()
     try:
@@ -393,14 +400,7 @@ def test_damage_the_filter_meets_has_the_index_rebuilt(path: Path, logged: Any) 
     first block): filling the filter reads every block with its checksum, and the next
     lookup rebuilds the index instead of trusting a filter that lacks their keys."""
     commit(path, rows(0, 3000))
-    tables = list((path.parent / "alerts.db-digests").glob("*.ldb"))
-    assert tables
-    for table in tables:
-        size = table.stat().st_size
-        assert size > 65536
-        with table.open("r+b") as f:
-            f.seek(size // 3)
-            f.write(b"\x5a" * (size // 3))
+    damage_tables(path, lambda size: (size // 3, 2 * size // 3), larger_than=65536)
     backend = SQLiteBackend(path)
     backend.open()
     try:
