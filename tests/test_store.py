@@ -642,6 +642,32 @@ class DeferredSummaryTests(unittest.TestCase):
         self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True)], [b"old", b"new", b"other"])
 
 
+class DigestFilterTests(ManagerCase):
+    """A manager restarted on a store that holds alerts, over real TLS: once its digest
+    filter is full, new alerts are told from retransmissions as before."""
+
+    @inlineCallbacks
+    def test_retransmissions_after_a_restart_with_the_filter_full(self) -> Any:
+        from twisted.internet.threads import deferToThread
+
+        peer = yield self.ready_peer()
+        for body in (b"first", b"second", b"third"):
+            yield self.send_alert(peer, body)
+        peer.transport.abortConnection()
+        yield self.port.stopListening()
+        yield self.store.close()
+        yield self.start_manager()
+        digests = self.store.backend.digests
+        self.assertTrue((yield deferToThread(digests.wait_filter, 30)))
+        self.assertEqual(digests.filter_state, "full")
+        again = yield self.ready_peer()
+        # the sensor resends what it had no answer for, then goes on
+        for body in (b"second", b"fourth", b"third", b"fourth"):
+            yield self.send_alert(again, body)
+        self.assertEqual([a["body"] for a in self.stored()], [b"first", b"second", b"third", b"fourth"])
+        self.assertEqual((again.connected_, self.store.backend.digests.filter_state), (True, "full"))
+
+
 class StoreDownTests(ManagerCase):
     """A real SQLite failure (a trigger that aborts inserts) while a sensor sends."""
 
