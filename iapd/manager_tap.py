@@ -26,7 +26,7 @@ from .config import ConfigError, ManagerConfig, load_manager
 from .manager import ManagerFactory, ManagerSettings
 from .metrics import ManagerMetrics
 from .pgstore import PostgresStore
-from .reload import ReloadOnHangup, load_again, warn_restart_keys
+from .reload import ReloadOnHangup, load_again, warn_restart_keys, web_reloaded
 from .services import add_listeners, configuration_error, stop_failed
 from .store import GroupCommitStore, SQLiteStore, read_alerts
 from .web.site import manager_site
@@ -188,18 +188,22 @@ class ManagerReload:
     """Re-reads manager.yaml and its TLS files; the running settings change only if
     everything loaded."""
 
-    def __init__(self, factory: ManagerFactory, config: ManagerConfig, metrics: ManagerMetrics) -> None:
+    def __init__(self, factory: ManagerFactory, config: ManagerConfig, metrics: ManagerMetrics,
+                 web_tls: Any = None) -> None:
         self.factory = factory
         self.config = config
         self.metrics = metrics
+        self.web_tls = web_tls  # the dashboard's HTTPS, when web.tls is set
 
     def __call__(self) -> None:
         path = self.config.path
-        loaded = load_again(path, load_manager, failed=self.metrics.reloads.labels("failed").inc)
+        loaded = load_again(path, load_manager, failed=self.metrics.reloads.labels("failed").inc, web=self.web_tls)
         if loaded is None:
             return
         config, material = loaded
         self.factory.reload(settings_from(config, material))
+        if self.web_tls is not None:
+            web_reloaded(self.web_tls)
         self.metrics.certificate_expiry.set(material.not_after().timestamp())
         self.metrics.reloads.labels("ok").inc()
         log.info(
@@ -227,8 +231,15 @@ def makeService(options: Options) -> service.IService:
     metrics = ManagerMetrics()
     metrics.certificate_expiry.set(options.material.not_after().timestamp())
     factory = ManagerFactory(settings_from(config, options.material), store, reactor, metrics)
+    site = None
+    if config.web_listen:
+        try:
+            site = manager_site(metrics, store, config, reactor)
+        except ConfigError as e:
+            configuration_error("iap-manager", e)
     # before the listeners: they bind before the reactor runs (ReloadOnHangup)
-    ReloadOnHangup(reactor, ManagerReload(factory, config, metrics), "manager").setServiceParent(top)
+    reload = ManagerReload(factory, config, metrics, site.tls if site is not None else None)
+    ReloadOnHangup(reactor, reload, "manager").setServiceParent(top)
     add_listeners(top, reactor, config.listen, factory)
     for text in config.dial:
         # draft 6.1: the manager opens the TCP connection, the sensor still speaks first
@@ -237,11 +248,7 @@ def makeService(options: Options) -> service.IService:
             retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=2.0),
         )
         dialer.setServiceParent(top)
-    if config.web_listen:
-        try:
-            site = manager_site(metrics, store, config, reactor)
-        except ConfigError as e:
-            configuration_error("iap-manager", e)
+    if site is not None:
         add_listeners(top, reactor, [config.web_listen], site)
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)

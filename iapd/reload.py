@@ -86,18 +86,36 @@ def changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
     return [k for k in keys if getattr(old, k) != getattr(new, k)]
 
 
-def load_again(path: Path, load: Callable[[Path], Any], tls: bool = True, failed: Any = None) -> tuple[Any, Any] | None:
-    """C{(config, TLS material)} read afresh from C{path}, or None when any of it is
-    wrong: then one log line names the key and why, and C{failed()} counts it."""
+def load_again(path: Path, load: Callable[[Path], Any], tls: bool = True, failed: Any = None,
+               web: Any = None) -> tuple[Any, Any] | None:
+    """
+    C{(config, TLS material)} read afresh from C{path}, or None when any of it is
+    wrong: then one log line names the key and why, and C{failed()} counts it.  With
+    C{web} (the HTTPS listener's L{iapd.web.tlsweb.ReloadableWebTLS}), its files are
+    read again too, for the caller to L{commit<iapd.web.tlsweb.ReloadableWebTLS.commit>}
+    once it has applied the rest.
+    """
     try:
         config = load(path)
         material = config.tls.load(str(path)) if tls else None
+        if web is not None:
+            web.prepare()
     except ConfigError as e:
         if failed is not None:
             failed()
         log.error("reload of {path} refused, the running configuration stays: {error}", path=str(path), error=str(e))
         return None
     return config, material
+
+
+def web_reloaded(web: Any) -> None:
+    """Serve the files L{load_again} read for the HTTPS listener C{web}, and say so."""
+    web.commit()
+    log.info(
+        "reloaded web.tls: {subject} (valid until {until}) for new connections to {listen}",
+        subject=web.material.certificate.subject.rfc4514_string(), listen=web.web.listen,
+        until=f"{web.material.not_after():%Y-%m-%d %H:%M} UTC",
+    )
 
 
 def warn_restart_keys(old: Any, new: Any, keys: tuple[str, ...], path: Path) -> None:

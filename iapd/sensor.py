@@ -27,7 +27,7 @@ from .forwarder import Forwarder
 from .inputs import DirectoryInput, EveInput, SocketInput
 from .messages import IDEF_ALERT
 from .metrics import SensorMetrics
-from .reload import load_again, warn_restart_keys
+from .reload import load_again, warn_restart_keys, web_reloaded
 from .services import stop_failed
 from .spool import Spool, SpoolFull
 from .web.site import metrics_root, protected_site
@@ -154,7 +154,8 @@ class SensorService(service.Service):
     def reload(self) -> None:
         """SIGHUP: re-read sensor.yaml's TLS files; the next connection uses them."""
         path = self.config.path
-        loaded = load_again(path, load_sensor, failed=self.metrics.reloads.labels("failed").inc)
+        web = self._web_factory.tls if self._web_factory is not None else None
+        loaded = load_again(path, load_sensor, failed=self.metrics.reloads.labels("failed").inc, web=web)
         if loaded is None:
             return
         config, material = loaded
@@ -162,6 +163,8 @@ class SensorService(service.Service):
         self.forwarder.reload(settings)
         if self._inbound is not None:
             self._inbound.reload(self.forwarder)
+        if web is not None:
+            web_reloaded(web)
         self.metrics.reloads.labels("ok").inc()
         log.info(
             "reloaded {path}: certificate {subject} (valid until {until}); the next connection uses it",

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import base64
 import select
+import shutil
 import signal
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from iapd.store import StoreError, read_alerts
 from iapd.web.password import hash_password
@@ -24,6 +28,7 @@ from .processes import Daemon, free_port
 from .test_operations import scrape
 from .test_proxy_processes import Processes, manager_yaml, proxy_yaml, wait_until
 from .test_sensor_daemon import daemon_sensor_yaml, drop_alerts, run_dir, start_manager, start_sensor
+from .test_web_process import https_get
 
 pki = proxy_processes.pki
 procs = proxy_processes.procs
@@ -94,6 +99,30 @@ def test_sensor_metrics_follow_the_spool_and_sighup_swaps_its_certificate(
     drop_alerts(drops, "after-refused", 3)
     wait_until(lambda: len(sensors_of(db)) == 33, 60, "33 alerts stored")
     assert scrape(web)['iap_config_reloads_total{result="failed"}'] == 1
+
+
+def test_sensor_sighup_rotates_the_certificate_of_its_metrics_listener(
+    pki: TestPKI, procs: Processes, tmp_path: Path
+) -> None:
+    web = free_port()
+    crt, key = tmp_path / "web.crt", tmp_path / "web.key"
+    shutil.copy(pki.manager[0], crt)
+    shutil.copy(pki.manager[1], key)
+    config = daemon_sensor_yaml(tmp_path / "sensor", pki, free_port(), [{"type": "directory", "path": tmp_path / "in"}])
+    config.write_text(config.read_text() + f'web: {{listen: "tcp:{web}:interface=127.0.0.1", hosts: [manager.test],'
+                      f' tls: {{certificate: "{crt}", key: "{key}"}}}}\n')
+    sensor = start_sensor(procs, config)
+    assert https_get(web, pki.ca, "/metrics")[0] == 200
+    shutil.copy(pki.manager_other_ca[0], crt)
+    shutil.copy(pki.manager_other_ca[1], key)
+    hangup(sensor, "reloaded web.tls")
+    assert https_get(web, pki.other_ca, "/metrics")[0] == 200
+    with pytest.raises(ssl.SSLCertVerificationError):
+        https_get(web, pki.ca, "/metrics")
+    shutil.copy(pki.manager[1], key)  # the key of another certificate: refused, nothing changes
+    log = hangup(sensor, "refused, the running configuration stays")
+    assert "web.tls: key" in log
+    assert https_get(web, pki.other_ca, "/metrics")[0] == 200
 
 
 def http_status(port: int, path: str = "/metrics", headers: dict[str, str] | None = None) -> int:

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
+import signal
 import socket
 import ssl
+import time
 from pathlib import Path
+
+import pytest
 
 from iapd.web.password import hash_password
 
@@ -103,3 +108,61 @@ def test_unsafe_or_unusable_web_configuration_stops_twistd_with_one_line(tmp_pat
         assert code == 1, log
         assert "configuration error" in log and message in log, log
         assert "Traceback" not in log
+
+
+def hangup(daemon: Daemon, expect: str) -> str:
+    """SIGHUP C{daemon}, then wait until it logs C{expect} once more than before."""
+    seen = daemon.log().count(expect)
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while daemon.log().count(expect) <= seen:
+        assert daemon.proc.poll() is None and time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    return daemon.log()
+
+
+def test_sighup_rotates_the_dashboard_certificate_or_refuses_the_whole_reload(tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path / "pki")
+    port, web_port = free_port(), free_port()
+    crt, key = tmp_path / "web.crt", tmp_path / "web.key"
+    shutil.copy(pki.manager[0], crt)
+    shutil.copy(pki.manager[1], key)
+    web = (f'web: {{listen: "tcp:{web_port}:interface={LOCAL}", hosts: [manager.test],'
+           f' tls: {{certificate: "{crt}", key: "{key}"}}}}\n')
+    config = manager_yaml(tmp_path, pki, port, web)
+    sensor = tmp_path / "sensor.yaml"
+    sensor.write_text(
+        f'identity: sensor1.test\nmanager: manager.test\nconnect: "tcp:host={LOCAL}:port={port}"\n'
+        f'tls: {{certificate: "{pki.sensor[0]}", key: "{pki.sensor[1]}", ca: "{pki.ca}"}}\n'
+    )
+    (tmp_path / "a.xml").write_bytes(idmef_alert("rotation"))
+    daemon = Daemon(["iap-manager", "-c", str(config)], tmp_path)
+    try:
+        daemon.wait_for(f"starting on {web_port}")
+        assert https_get(web_port, pki.ca, "/metrics")[0] == 200
+        with pytest.raises(ssl.SSLCertVerificationError):
+            https_get(web_port, pki.other_ca, "/metrics")
+
+        # the files are replaced where they are: the next connection gets the new pair
+        shutil.copy(pki.manager_other_ca[0], crt)
+        shutil.copy(pki.manager_other_ca[1], key)
+        log = hangup(daemon, "reloaded web.tls")
+        assert f"for new connections to tcp:{web_port}" in log
+        code, _, body = https_get(web_port, pki.other_ca, "/metrics")
+        assert code == 200 and b'iap_config_reloads_total{result="ok"} 1.0' in body
+        with pytest.raises(ssl.SSLCertVerificationError):
+            https_get(web_port, pki.ca, "/metrics")
+
+        # a key of another certificate: the whole reload is refused, the allow-list
+        # change in the same file included, and the dashboard keeps what it served
+        shutil.copy(pki.manager[1], key)
+        config.write_text(config.read_text() + 'allow: {sensors: ["nobody.test"]}\n')
+        log = hangup(daemon, "refused, the running configuration stays")
+        assert "web.tls: key" in log and "does not belong to certificate" in log
+        code, _, body = https_get(web_port, pki.other_ca, "/metrics")
+        assert code == 200 and b'iap_config_reloads_total{result="failed"} 1.0' in body
+        sent = run(["iapd.send", "-c", str(sensor), str(tmp_path / "a.xml")])
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.log()

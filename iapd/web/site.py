@@ -237,9 +237,10 @@ def protected_site(resource: Resource, web: Any, config: Any, reactor: Any) -> A
         return ConnectionLimit(site)
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from .tlsweb import web_tls_options
+    from .tlsweb import ReloadableWebTLS
 
-    return ConnectionLimit(TLSMemoryBIOFactory(web_tls_options(web, str(config.path)), False, site))
+    tls = ReloadableWebTLS(web, str(config.path))
+    return ConnectionLimit(TLSMemoryBIOFactory(tls, False, site), tls)
 
 
 MAX_CONNECTIONS = 256
@@ -255,9 +256,11 @@ class ConnectionLimit(WrappingFactory):
     leave the manager unable to accept a sensor or open its store.
     """
 
-    def __init__(self, wrapped: Any) -> None:
+    def __init__(self, wrapped: Any, tls: Any = None) -> None:
         super().__init__(wrapped)
         self.per_address: dict[str, int] = {}
+        self.tls = tls
+        """The L{iapd.web.tlsweb.ReloadableWebTLS} of an HTTPS listener, for SIGHUP."""
 
     def buildProtocol(self, addr: Any) -> Any:
         host = getattr(addr, "host", None) or str(addr)

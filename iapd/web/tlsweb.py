@@ -1,14 +1,17 @@
 """
 HTTPS for the dashboard (C{web.tls}): iapd's TLS profile, and client certificates when
-C{web.auth.client_certificates} is set.
+C{web.auth.client_certificates} is set; the files are read again on SIGHUP, like the
+daemon's own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from ..config import ConfigError
 from ..tls import TLSSetupError, tls_profile, trust_root, to_pyopenssl, load_material
@@ -21,6 +24,11 @@ def web_tls_options(web: WebConfig, where: str) -> Any:
     certificate chained to C{web.tls.ca} is required only when client certificates
     are the (or an) authentication, otherwise none is asked for.
     """
+    return _options(web, where)[0]
+
+
+def _options(web: WebConfig, where: str) -> tuple[Any, Any]:
+    """L{web_tls_options} and the material they were made of."""
     assert web.tls is not None
     try:
         material = load_material(web.tls.certificate, web.tls.key, web.tls.ca)
@@ -34,4 +42,45 @@ def web_tls_options(web: WebConfig, where: str) -> Any:
     )
     if web.client_certificates:
         options["trustRoot"] = trust_root(material)  # a verified client certificate is required
-    return ssl.CertificateOptions(**options)
+    made = ssl.CertificateOptions(**options)
+    try:
+        made.getContext()  # made at first use otherwise: check everything now
+    except SSL.Error as e:
+        raise ConfigError(f"{where}: web.tls: OpenSSL refuses it: {e}") from None
+    return made, material
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableWebTLS:
+    """
+    The web listener's TLS options, which a SIGHUP replaces while it listens.
+
+    An operator who rotates the dashboard's certificate (or, with C{tls: manager}, the
+    manager's own pair) sends SIGHUP as for the daemon's: before, the daemon took the
+    new files and the dashboard went on serving the old certificate, expired or
+    revoked, until a restart.  Each new connection takes the options of the moment;
+    open connections keep the session they have.  The files are those the running
+    C{web.tls} names: other paths need a restart, like the rest of C{web}.
+    """
+
+    def __init__(self, web: WebConfig, where: str) -> None:
+        self.web = web
+        self.where = where
+        self.options, self.material = _options(web, where)
+        self._staged: tuple[Any, Any] | None = None
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.options.getContext(), None)
+
+    def prepare(self) -> None:
+        """
+        Read the files again, for L{commit}; raises L{ConfigError} naming C{web.tls}
+        when they cannot be used.  Nothing changes yet: a reload is refused whole when
+        any part of it fails.
+        """
+        self._staged = _options(self.web, self.where)
+
+    def commit(self) -> None:
+        """Serve what L{prepare} read to the connections that come next."""
+        if self._staged is not None:
+            (self.options, self.material), self._staged = self._staged, None
