@@ -196,9 +196,13 @@ class DigestIndex:
     def _open_leveldb(self) -> plyvel.DB:
         try:
             # paranoid_checks: damage found in the log fails the open (and the index is
-            # rebuilt) instead of being skipped
+            # rebuilt) instead of being skipped.  No compression: a key is a sensor name
+            # (which LevelDB's prefix encoding already shares) and a random digest, which
+            # Snappy cannot shrink but still tried on every block it wrote: 3.8% of the
+            # manager's CPU at 1 KiB, 22.7 -> 21.95 us per alert without it (16 sensors,
+            # 4 rounds each, every round lower).  Tables written with it stay readable.
             return plyvel.DB(str(self.path), create_if_missing=True, paranoid_checks=True, bloom_filter_bits=10,
-                             write_buffer_size=8 << 20, lru_cache_size=8 << 20)
+                             write_buffer_size=8 << 20, lru_cache_size=8 << 20, compression=None)
         except plyvel.IOError as e:
             message = why(e)
             if message.startswith("IO error: lock ") and (
