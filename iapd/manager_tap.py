@@ -27,7 +27,7 @@ from .manager import ManagerFactory, ManagerSettings
 from .metrics import ManagerMetrics
 from .pgstore import PostgresStore
 from .reload import ReloadOnHangup, load_again, warn_restart_keys, web_reloaded
-from .services import add_listeners, configuration_error, stop_failed
+from .services import QuieterCollector, add_listeners, configuration_error, stop_failed
 from .store import GroupCommitStore, SQLiteStore, read_alerts
 from .web.site import manager_site
 
@@ -252,6 +252,7 @@ def makeService(options: Options) -> service.IService:
         add_listeners(top, reactor, [config.web_listen], site)
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)
+    QuieterCollector().setServiceParent(top)  # last: once everything has started
     log.info(
         "manager {identity}: listening on {listen}, dialing {dial}, store {store}, setup timeout {t}s,"
         " max content {n} octets, web {web}",

@@ -5,6 +5,7 @@ Service wiring the three twistd plugins share.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import sys
 from typing import Any, NoReturn, Sequence
@@ -71,3 +72,39 @@ def _exit_if_failed() -> None:
 # registered when the plugins are imported, before twistd's own and most other exit
 # handlers, so that it runs after them (last registered, first run)
 atexit.register(_exit_if_failed)
+
+
+GC_THRESHOLD = (5000, 10, 10)
+"""Python's default is (700, 10, 10)."""
+
+
+class QuieterCollector(service.Service):
+    """
+    Fewer and smaller runs of Python's cycle collector in a busy daemon.
+
+    Each run holds the GIL, so the reactor and the store's thread both wait for it.  A
+    manager taking 50,000 alerts/s ran it 150 times a second for 60-70 ms: the alerts
+    in flight (some 10 objects each) outlive a young collection every 7 ms, so they
+    are traversed again in the middle generation and then reach the oldest, whose
+    collections (twice a second) walked all 70,000 objects, the start's modules and
+    classes included, 20-30 ms each.  Once the daemon has started its objects are
+    frozen (left out of every collection: they live as long as the process), and a
+    young collection waits for 5,000 more objects than were freed, by which time most
+    alerts have been answered and freed by reference counting.  16 sensors, 1 KiB,
+    5 interleaved rounds: 24.2 -> 22.75 us of manager CPU per alert, 49,043 -> 51,392
+    alerts/s, lower in every round.  Garbage in cycles waits a little longer for its
+    collection: at most 5,000 objects.
+    """
+
+    _before: tuple[int, int, int] = (700, 10, 10)
+
+    def startService(self) -> None:
+        super().startService()
+        self._before = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLD)
+
+    def stopService(self) -> Any:
+        gc.set_threshold(*self._before)
+        gc.unfreeze()
+        return super().stopService()

@@ -294,3 +294,19 @@ def test_a_sighup_as_soon_as_the_port_opens_reloads_and_does_not_kill(tmp_path: 
         code = daemon.stop()
     assert code in (0, -signal.SIGTERM), daemon.log()
     assert "Traceback" not in daemon.log(), daemon.log()
+
+
+def test_a_running_manager_freezes_its_start_and_collects_less_often_until_it_stops() -> None:
+    import gc
+
+    from iapd.services import GC_THRESHOLD, QuieterCollector
+
+    before = gc.get_threshold()
+    collector = QuieterCollector()
+    collector.startService()
+    try:
+        assert gc.get_threshold() == GC_THRESHOLD != before
+        assert gc.get_freeze_count() > 1000  # the modules and classes loaded so far
+    finally:
+        collector.stopService()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
