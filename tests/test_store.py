@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,6 +68,20 @@ class StoreTests(unittest.TestCase):
         stored = read_alerts(self.path, with_body=True)
         self.assertEqual([a["body"] for a in stored], bodies[:300])
         self.assertEqual(stored[0]["via"], ["p.test"])
+
+    @inlineCallbacks
+    def test_bodies_are_stored_as_blobs_and_absent_values_as_null(self) -> Any:
+        """The store registers sqlite3 adapters for bytes and None (to spare an exception
+        per parameter): they must hand back what they are given, octet for octet."""
+        store = SQLiteStore(self.path, reactor)
+        yield store.open()
+        bodies = [bytes(range(256)) * 16, b"", b"\x00heartbeat\xff"]
+        records = [AlertRecord(sensor="s1.test", content_type=IDEF, body=b) for b in bodies]  # peer None
+        yield store.add_many(records)
+        yield store.close()
+        with closing(sqlite3.connect(self.path)) as db:
+            rows = db.execute("SELECT body, typeof(body), typeof(peer), typeof(idmef) FROM alerts ORDER BY id").fetchall()
+        self.assertEqual(rows, [(b, "blob", "null", "null") for b in bodies])
 
     @inlineCallbacks
     def test_same_body_from_another_sensor_is_another_alert(self) -> Any:
