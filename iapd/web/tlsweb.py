@@ -18,17 +18,13 @@ from ..tls import TLSSetupError, tls_profile, trust_root, to_pyopenssl, load_mat
 from .config import WebConfig
 
 
-def web_tls_options(web: WebConfig, where: str) -> Any:
+def web_tls_options(web: WebConfig, where: str) -> tuple[Any, Any]:
     """
-    Server options for the web listener: TLS 1.2 or later with iapd's suites; a client
-    certificate chained to C{web.tls.ca} is required only when client certificates
-    are the (or an) authentication, otherwise none is asked for.
+    Server options for the web listener, and the material they were made of: TLS 1.2
+    or later with iapd's suites; a client certificate chained to C{web.tls.ca} is
+    required only when client certificates are the (or an) authentication, otherwise
+    none is asked for.  Raises L{ConfigError} naming C{web.tls}.
     """
-    return _options(web, where)[0]
-
-
-def _options(web: WebConfig, where: str) -> tuple[Any, Any]:
-    """L{web_tls_options} and the material they were made of."""
     assert web.tls is not None
     try:
         material = load_material(web.tls.certificate, web.tls.key, web.tls.ca)
@@ -66,7 +62,7 @@ class ReloadableWebTLS:
     def __init__(self, web: WebConfig, where: str) -> None:
         self.web = web
         self.where = where
-        self.options, self.material = _options(web, where)
+        self.options, self.material = web_tls_options(web, where)
         self._staged: tuple[Any, Any] | None = None
 
     def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
@@ -78,7 +74,7 @@ class ReloadableWebTLS:
         when they cannot be used.  Nothing changes yet: a reload is refused whole when
         any part of it fails.
         """
-        self._staged = _options(self.web, self.where)
+        self._staged = web_tls_options(self.web, self.where)
 
     def commit(self) -> None:
         """Serve what L{prepare} read to the connections that come next."""
