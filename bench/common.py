@@ -11,8 +11,10 @@ L{stack} makes sure of it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -443,8 +445,47 @@ def alert_template(size: int) -> tuple[bytes, bytes]:
     pad = size - len(head) - MID_LENGTH - len(tail_start) - len(tail_end)
     if pad < 0:
         raise ValueError(f"alerts are at least {size - pad} octets")
-    filler = (b"GET /index.php?id=1 HTTP/1.1 Host: www.example.com User-Agent: curl/8.0 " * (pad // 70 + 1))[:pad]
-    return head, tail_start + filler + tail_end
+    return head, tail_start + eve_payload(pad) + tail_end
+
+
+def eve_payload(size: int) -> bytes:
+    """
+    C{size} octets of what a Suricata alert logged with its payload carries (iapd's
+    sensor puts the EVE line in AdditionalData, iapd/eve.py): the JSON fields, then
+    the HTTP request as base64, as printable text and as the base64 of its packet,
+    with the cookies, tokens and addresses real traffic varies.  LZ4 keeps 63% of a
+    1 KiB alert made with it and 68% of a 4 KiB one; the filler it replaced, one line
+    repeated, kept 17%, which flattered a store that compresses (README, "What
+    remains").  Nothing in it needs escaping in XML.
+    """
+    rng = random.Random(size)
+    words = ["login", "cart", "static", "img", "api", "v2", "search", "account", "news", "assets"]
+    headers = b"".join(
+        b"X-%s-%d: %s\r\n" % (rng.choice(words).encode().title(), n, rng.randbytes(24).hex().encode())
+        for n in range(8)
+    )
+    request = (
+        b"GET /%s/%s?q=%s;session=%s HTTP/1.1\r\nHost: www.%s.example\r\nUser-Agent: curl/8.%d\r\n"
+        b"Cookie: sid=%s; csrftoken=%s\r\nAccept: */*\r\n%s\r\n"
+        % (rng.choice(words).encode(), rng.choice(words).encode(), rng.randbytes(12).hex().encode(),
+           rng.randbytes(16).hex().encode(), rng.choice(words).encode(), rng.randrange(10),
+           rng.randbytes(20).hex().encode(), rng.randbytes(32).hex().encode(), headers)
+    )
+    printable = request.replace(b"\r\n", b"..")
+    packet = rng.randbytes(54) + request
+    line = (
+        b'{"timestamp":"2026-11-23T10:00:00.%06d+0000","flow_id":%d,"in_iface":"eth0","event_type":"alert",'
+        b'"src_ip":"192.0.2.17","src_port":%d,"dest_ip":"198.51.100.5","dest_port":80,"proto":"TCP",'
+        b'"alert":{"action":"allowed","gid":1,"signature_id":2013028,"rev":7,'
+        b'"signature":"ET POLICY Suspicious TLS SNI","category":"Potential Corporate Privacy Violation",'
+        b'"severity":2},"app_proto":"http","payload":"%s","payload_printable":"%s","packet":"%s",'
+        b'"packet_info":{"linktype":1}}'
+        % (rng.randrange(10**6), rng.randrange(10**15), rng.randrange(1024, 65536),
+           base64.b64encode(request), printable, base64.b64encode(packet))
+    )
+    while len(line) < size:  # a larger alert: more of the same kind of payload, not the same octets
+        line += b" " + base64.b64encode(rng.randbytes(48)) + b" " + printable
+    return line[:size]
 
 
 def message_id(tag: str, conn: int, seq: int) -> bytes:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import alert_template, make_alert  # noqa: E402
+
 from iapd.store import SCHEMA, AlertRecord, Row, SQLiteBackend  # noqa: E402
 
 UNIQUE_TABLE = SCHEMA.replace("    idmef TEXT\n);", "    idmef TEXT,\n    UNIQUE (sensor, sha256)\n);", 1)
@@ -53,10 +55,10 @@ def written() -> int:
 
 def batch(n: int, size: int, start: int) -> list[Row]:
     """C{n} distinct alerts of C{size} octets, as the manager hands them over."""
-    filler = b"x" * size
+    head, tail = alert_template(size)  # the benchmark's IDMEF alerts (bench/common.py)
     rows = []
     for i in range(start, start + n):
-        body = (b"<alert n=%d/>" % i + filler)[:size]
+        body = make_alert(head, tail, "store", i % 16, i)
         rows.append(Row(AlertRecord(sensor=f"sensor{i % 16}.example.org", content_type="application/idmef+xml",
                                     body=body), None, pending=True))
     return rows
