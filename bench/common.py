@@ -23,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -338,13 +339,26 @@ class Manager(Process):
         rows as acknowledgements, each message id (at a fixed offset, carrying C{tag})
         and each digest once.
         """
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as db:
-            rows, digests, ids, tagged = db.execute(
-                "SELECT count(*), count(DISTINCT sha256), count(DISTINCT substr(body, ?, ?)),"
-                " sum(substr(body, ?, ?) = ?) FROM alerts WHERE id > ?",
-                (MID_OFFSET + 1, MID_LENGTH, MID_OFFSET + 1, len(tag), tag.encode(), after_id),
-            ).fetchone()
-        tagged = tagged or 0
+        from iapd.bodylog import BodyLogError, BodyReader, log_path
+
+        rows = tagged = 0
+        digest_set: set[str] = set()
+        id_set: set[bytes] = set()
+        with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)) as db, \
+                BodyReader(log_path(self.db)) as bodies:
+            # every body as a reader gets it: from the body log, checked against its digest
+            for i, sha256, in_row, at, size in db.execute(
+                "SELECT id, sha256, body, body_at, body_size FROM alerts WHERE id > ?", (after_id,)
+            ):
+                try:
+                    mid = bodies.body(i, in_row, at, size, sha256)[MID_OFFSET:MID_OFFSET + MID_LENGTH]
+                except BodyLogError as e:
+                    raise BenchError(f"run {tag}: {e}") from None
+                rows += 1
+                digest_set.add(sha256)
+                id_set.add(mid)
+                tagged += mid.startswith(tag.encode())
+        digests, ids = len(digest_set), len(id_set)
         if not (rows == digests == ids == tagged == acked):
             raise BenchError(
                 f"run {tag}: {acked} alerts acknowledged, but the store holds {rows} new rows, {digests} distinct"

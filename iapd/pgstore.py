@@ -602,7 +602,8 @@ def alert_from_row(row: dict[str, Any], with_body: bool) -> dict[str, Any]:
         from .idmef import summarize
 
         idmef = summarize(bytes(row["pending_body"]))
-    return alert_dict(row, with_body, received=_iso(row["received"]), via=row["via"], idmef=idmef)
+    body = bytes(row["body"]) if with_body else None
+    return alert_dict(row, body, received=_iso(row["received"]), via=row["via"], idmef=idmef)
 
 
 def read_alerts_pg(

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from .bodylog import BodyLog, BodyLogError, BodyReader, log_path
 from .checkpoint import WalCheckpointer
 from .digests import DigestIndex, DigestIndexError, digest_key, why
 
@@ -52,7 +53,9 @@ CREATE TABLE IF NOT EXISTS alerts (
     via TEXT NOT NULL,
     peer TEXT,
     body BLOB NOT NULL,
-    idmef TEXT
+    idmef TEXT,
+    body_at INTEGER,
+    body_size INTEGER
 );
 CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received);
 CREATE INDEX IF NOT EXISTS alerts_unsummarised ON alerts (id) WHERE idmef IS NULL;
@@ -72,7 +75,11 @@ CREATE TABLE IF NOT EXISTS iapd_meta (
 """
 """The alerts table has no UNIQUE (sensor, sha256): the digest index (L{iapd.digests})
 does that job.  Stores made by earlier versions keep theirs (SQLite cannot drop it
-without copying the table): it is slower, but never wrong."""
+without copying the table): it is slower, but never wrong.
+
+Bodies are in the body log beside the file (L{iapd.bodylog}): C{body_at} is where a
+body starts there and C{body_size} its length, and C{body} is empty.  Rows an earlier
+version wrote hold their body in C{body}, and NULL in the other two."""
 
 
 class StoreError(Exception):
@@ -83,13 +90,12 @@ def _null(value: None) -> None:
     return None
 
 
-# sqlite3 adapts every parameter that is not an int, float, str or bytearray: for an
-# alert's body (bytes) and each NULL it first looks for __adapt__ on its protocol's
-# type, which raises and formats an AttributeError that it then throws away (0.8 us
-# per row of a 1 KiB body and two NULLs, measured alone).  Adapters registered for
-# both end the search in sqlite3's registry and hand back what they are given
-# (bytes(b) is b): nothing stored changes.
-sqlite3.register_adapter(bytes, bytes)
+# sqlite3 adapts every parameter that is not an int, float, str or bytearray: for each
+# NULL (an alert's peer, its summary while pending) it first looks for __adapt__ on its
+# protocol's type, which raises and formats an AttributeError that it then throws away
+# (measured alone: 0.8 us per row when bodies were bound as bytes too).  An adapter
+# registered for None ends the search in sqlite3's registry and hands back None:
+# nothing stored changes.
 sqlite3.register_adapter(type(None), _null)
 
 
@@ -223,6 +229,17 @@ def _migrate(db: sqlite3.Connection) -> None:
     for column, kind in (("last_heartbeat", "TEXT"), ("heartbeat_interval", "REAL")):
         if column not in have:
             db.execute(f"ALTER TABLE sensors ADD COLUMN {column} {kind}")
+    # no default: the rows already there keep their bodies (NULL: in the row)
+    have = {row[1] for row in db.execute("PRAGMA table_info(alerts)")}
+    for column in ("body_at", "body_size"):
+        if column not in have:
+            db.execute(f"ALTER TABLE alerts ADD COLUMN {column} INTEGER")
+
+
+ROW_OCTETS = 256
+"""About what a row writes to the WAL now that its body is in the body log (sensor,
+times, digest, VIA, peer and their share of the indexes): what L{WalCheckpointer}
+counts to know when to copy."""
 
 
 WAL_PAGES = 16384
@@ -244,6 +261,7 @@ class SQLiteBackend:
         # links must find the same index (and its lock)
         real = path.resolve()
         self.digests = DigestIndex(real.with_name(real.name + "-digests"))
+        self.bodies = BodyLog(log_path(path))
 
     def __str__(self) -> str:
         return str(self.path)
@@ -275,16 +293,38 @@ class SQLiteBackend:
             db.executescript(SCHEMA)
             _migrate(db)
             self.digests.open(db)
+            self.bodies.open()
+            self._check_body_log(db)
             self._checkpoints = WalCheckpointer(self.path, WAL_PAGES)
             self._checkpoints.start()
-        except (sqlite3.Error, OSError, DigestIndexError, plyvel.Error, RuntimeError) as e:
+        except (sqlite3.Error, OSError, DigestIndexError, BodyLogError, plyvel.Error, RuntimeError) as e:
             if self._checkpoints is not None:
                 self._checkpoints.close()
                 self._checkpoints = None
+            self.bodies.close()
             self.digests.close()
             db.close()
             raise StoreError(f"cannot open SQLite store {self.path}: {why(e)}") from None
         self._db = db
+
+    def _check_body_log(self, db: sqlite3.Connection) -> None:
+        """
+        Say so at start when the body log is shorter than the rows say it is (lost or
+        cut short while no manager ran: a crash never does that, the log is flushed
+        before the rows commit).  Alerts keep being stored: their bodies go after what
+        is left, and a reader reports each alert whose body is gone.
+        """
+        # bodies are appended in id order: the last row with a place in the log ends last
+        last = db.execute(
+            "SELECT id, body_at + body_size FROM alerts WHERE body_at IS NOT NULL ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        size = self.bodies.path.stat().st_size
+        if last is not None and last[1] > size:
+            self.log.error(
+                "the body log {path} holds {size} octets, but the body of alert {id} ends at {end}: bodies"
+                " stored past {size} octets are lost (reading those alerts says so); new bodies are appended",
+                path=str(self.bodies.path), size=size, id=last[0], end=last[1],
+            )
 
     def commit(self, rows: Sequence[Row], seen: Seen) -> list[bool]:
         """
@@ -327,13 +367,14 @@ class SQLiteBackend:
                         (r.sensor, r.received, r.received, r.peer, json.dumps(list(r.via)), r.received,
                          (row.summary or {}).get("heartbeat_interval")),
                     )
+            self.bodies.sync()  # the bodies are on the disk before the rows that point at them
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         added = {key: i for key, i in zip(fresh, ids) if i is not None}
         self.digests.committed(list(added.items()))
-        self._checkpoints.committed(db, sum(len(row.record.body) for row in fresh.values()))
+        self._checkpoints.committed(db, len(fresh) * ROW_OCTETS)
         # new: the first of its key in the batch, and inserted
         return [fresh.pop(key, None) is row and key in added for row, key in zip(rows, keys)]
 
@@ -354,6 +395,8 @@ class SQLiteBackend:
         if not rows:
             return []
         before = db.execute("SELECT coalesce(max(id), 0) FROM alerts").fetchone()[0]
+        # a row an old UNIQUE constraint ignores leaves its body unreferenced in the log
+        offsets = self.bodies.append([row.record.body for row in rows])
         inserted = 0
         # the alerts of one connection share their VIA: its JSON is made once per
         # commit, not per alert (2 us each, a twelfth of the manager's work per alert)
@@ -361,16 +404,16 @@ class SQLiteBackend:
         for start in range(0, len(rows), self.INSERT_CHUNK):
             chunk = rows[start:start + self.INSERT_CHUNK]
             params: list[Any] = []
-            for row in chunk:
+            for row, at in zip(chunk, offsets[start:start + self.INSERT_CHUNK]):
                 r = row.record
                 via = via_json.get(r.via)
                 if via is None:
                     via = via_json[r.via] = json.dumps(list(r.via))
-                params += (r.sensor, r.received, r.content_type, r.sha256, via, r.peer, r.body,
+                params += (r.sensor, r.received, r.content_type, r.sha256, via, r.peer, at, len(r.body),
                            None if row.pending else json.dumps(row.summary))
             cursor = db.execute(
-                "INSERT OR IGNORE INTO alerts (sensor, received, content_type, sha256, via, peer, body, idmef) VALUES "
-                + ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),
+                "INSERT OR IGNORE INTO alerts (sensor, received, content_type, sha256, via, peer, body, body_at,"
+                " body_size, idmef) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?, X'', ?, ?, ?)"] * len(chunk)),
                 params,
             )
             inserted += cursor.rowcount
@@ -399,9 +442,21 @@ class SQLiteBackend:
     def pending_summaries(self, limit: int) -> list[tuple[int, bytes]]:
         """Up to C{limit} alerts stored without their summary, oldest first."""
         assert self._db is not None
-        return self._db.execute(
-            "SELECT id, body FROM alerts WHERE idmef IS NULL ORDER BY id LIMIT ?", (limit,)
+        rows = self._db.execute(
+            "SELECT id, body, body_at, body_size, sha256 FROM alerts WHERE idmef IS NULL ORDER BY id LIMIT ?",
+            (limit,),
         ).fetchall()
+        pending = []
+        with BodyReader(self.bodies.path) as bodies:
+            for i, in_row, at, size, sha256 in rows:
+                try:
+                    pending.append((i, bodies.body(i, in_row, at, size, sha256)))
+                except BodyLogError as e:
+                    # "no summary", so that the pass goes on past it; reading the alert
+                    # says the same as this
+                    self.log.error("no summary for {why}", why=str(e))
+                    pending.append((i, b""))
+        return pending
 
     def write_summaries(self, summaries: Sequence[tuple[int, dict[str, Any] | None]]) -> None:
         """Set C{(id, summary)} summaries (None: the body has none, JSON C{null}), in one transaction."""
@@ -428,6 +483,7 @@ class SQLiteBackend:
         if self._checkpoints is not None:
             self._checkpoints.close()
             self._checkpoints = None
+        self.bodies.close()
         self.digests.close()
         if self._db is not None:
             self._db.close()
@@ -905,15 +961,21 @@ def open_reader(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         db.row_factory = sqlite3.Row
         db.execute("SELECT 1 FROM alerts LIMIT 1")
+        if "body_at" not in {row[1] for row in db.execute("PRAGMA table_info(alerts)")}:
+            # a store no manager of this version has opened yet, which a reader must not
+            # change: the same rows, every body in its row.  Unqualified names find the
+            # temporary schema first, and a read-only connection may have one.
+            db.execute("CREATE TEMP VIEW alerts AS SELECT *, NULL AS body_at, NULL AS body_size FROM main.alerts")
     except sqlite3.Error as e:
         raise StoreError(f"cannot read store {path}: {e}") from None
     return db
 
 
-def alert_dict(row: Any, with_body: bool, *, received: str, via: list[str], idmef: Any) -> dict[str, Any]:
+def alert_dict(row: Any, body: bytes | None, *, received: str, via: list[str], idmef: Any) -> dict[str, Any]:
     """
     An alert as C{iapctl --json} prints it (DESIGN.md section 7), from a database row
-    whose database-specific fields the caller has already decoded.
+    whose database-specific fields (and C{body}, when it is wanted) the caller has
+    already decoded.
     """
     out: dict[str, Any] = {
         "id": row["id"],
@@ -926,8 +988,8 @@ def alert_dict(row: Any, with_body: bool, *, received: str, via: list[str], idme
         "size": row["size"],
         "idmef": idmef,
     }
-    if with_body:
-        out["body"] = bytes(row["body"])
+    if body is not None:
+        out["body"] = body
     return out
 
 
@@ -937,16 +999,34 @@ PENDING_BODY = "CASE WHEN idmef IS NULL THEN body END AS pending_body"
 column, not C{idmef}, tells the two apart)."""
 
 
-def alert_from_row(row: sqlite3.Row, with_body: bool) -> dict[str, Any]:
-    """One SQLite row in the field names of C{iapctl alerts --json}, summarising it if the manager has not yet."""
+BODY_COLUMNS = f"coalesce(body_size, length(body)) AS size, body_at, body_size, {PENDING_BODY}"
+"""For SQLite readers: what L{alert_from_row} needs besides the alert's own fields."""
+
+
+def alert_from_row(row: sqlite3.Row, with_body: bool, bodies: BodyReader) -> dict[str, Any]:
+    """
+    One SQLite row (L{BODY_COLUMNS}, and C{body} when C{with_body}) in the field names
+    of C{iapctl alerts --json}, summarising it if the manager has not yet; C{bodies}
+    reads the store's body log.
+    """
+    def body(in_row: bytes) -> bytes:
+        try:
+            return bodies.body(row["id"], in_row, row["body_at"], row["body_size"], row["sha256"])
+        except BodyLogError as e:
+            raise StoreError(str(e)) from None
+
     if row["idmef"] is None:
         # stored, not summarised yet (the manager catches up when it has time)
         from .idmef import summarize
 
-        idmef: Any = summarize(bytes(row["pending_body"]))
+        try:
+            idmef: Any = summarize(body(row["pending_body"]))
+        except StoreError:
+            idmef = None  # a listing goes on past a damaged body; reading the body says why
     else:
         idmef = json.loads(row["idmef"])
-    return alert_dict(row, with_body, received=row["received"], via=json.loads(row["via"]), idmef=idmef)
+    return alert_dict(row, body(row["body"]) if with_body else None, received=row["received"],
+                      via=json.loads(row["via"]), idmef=idmef)
 
 
 def read_alerts(
@@ -986,14 +1066,15 @@ def read_alerts(
     db = open_reader(path)
     try:
         rows = db.execute(
-            f"SELECT id, sensor, received, content_type, sha256, via, peer, length(body) AS size, idmef, {PENDING_BODY}"
+            f"SELECT id, sensor, received, content_type, sha256, via, peer, idmef, {BODY_COLUMNS}"
             + (", body" if with_body else "")
             + f" FROM alerts{where}{tail}",
             args,
         ).fetchall()
     finally:
         db.close()
-    alerts = [alert_from_row(r, with_body) for r in rows]
+    with BodyReader(log_path(path)) as bodies:
+        alerts = [alert_from_row(r, with_body, bodies) for r in rows]
     if limit is not None:
         alerts.reverse()
     return alerts

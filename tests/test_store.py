@@ -5,6 +5,7 @@ The SQLite store: group commit, deduplication, failures, opening and closing.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -23,6 +24,13 @@ from .support import IDEF, OK, content
 from .test_manager import ManagerCase, within
 
 S503 = b"IAP/0.2 503\r\n\r\n"
+
+
+def bulky(body: bytes) -> AlertRecord:
+    """An alert whose row is about 2 KiB (its VIA: 30 long proxy names), to fill the WAL
+    now that bodies go to the body log."""
+    return AlertRecord(sensor="s1.test", content_type=IDEF, body=body,
+                       via=tuple(f"{'p' * 60}{k}.test" for k in range(30)), peer="127.0.0.1:1")
 
 
 def record(body: bytes, sensor: str = "s1.test") -> AlertRecord:
@@ -70,18 +78,27 @@ class StoreTests(unittest.TestCase):
         self.assertEqual(stored[0]["via"], ["p.test"])
 
     @inlineCallbacks
-    def test_bodies_are_stored_as_blobs_and_absent_values_as_null(self) -> Any:
-        """The store registers sqlite3 adapters for bytes and None (to spare an exception
-        per parameter): they must hand back what they are given, octet for octet."""
+    def test_bodies_are_kept_in_the_body_log_and_absent_values_as_null(self) -> Any:
+        """
+        Each body is appended to the log beside the file, octet for octet, where its
+        row says; the row keeps an empty body.  The store registers an sqlite3 adapter
+        for None (to spare an exception per parameter): it must store NULL.
+        """
         store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
         yield store.open()
         bodies = [bytes(range(256)) * 16, b"", b"\x00heartbeat\xff"]
         records = [AlertRecord(sensor="s1.test", content_type=IDEF, body=b) for b in bodies]  # peer None
         yield store.add_many(records)
         yield store.close()
         with closing(sqlite3.connect(self.path)) as db:
-            rows = db.execute("SELECT body, typeof(body), typeof(peer), typeof(idmef) FROM alerts ORDER BY id").fetchall()
-        self.assertEqual(rows, [(b, "blob", "null", "null") for b in bodies])
+            rows = db.execute("SELECT body, body_at, body_size, typeof(peer), typeof(idmef) FROM alerts ORDER BY id").fetchall()
+        log = (self.path.parent / "alerts.db-bodies").read_bytes()
+        self.assertEqual(log, b"".join(bodies))
+        self.assertEqual([(b"", log[at:at + size], "null", "null") for _, at, size, _, _ in rows],
+                         [(in_row, b, peer, idmef) for (in_row, _, _, peer, idmef), b in zip(rows, bodies)])
+        self.assertEqual([(at, size) for _, at, size, _, _ in rows], [(0, 4096), (4096, 0), (4096, 11)])
+        self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True)], bodies)
 
     @inlineCallbacks
     def test_same_body_from_another_sensor_is_another_alert(self) -> Any:
@@ -291,7 +308,7 @@ class StoreTests(unittest.TestCase):
         wal = Path(str(self.path) + "-wal")
         sizes = []
         for n in range(40):
-            yield DeferredList([store.add(record(b"%d-%d " % (n, i) + b"x" * 2000)) for i in range(20)])
+            yield DeferredList([store.add(bulky(b"%d-%d" % (n, i))) for i in range(20)])
             sizes.append(wal.stat().st_size)
         checkpoints = store.backend._checkpoints
         passes, finished = checkpoints.passes, checkpoints.finished
@@ -321,16 +338,16 @@ class StoreTests(unittest.TestCase):
         the limit the store's thread never checkpoints: the pages reach the database
         file by the checkpoint thread alone, and closing stops it and removes the log.
         """
-        self.patch(store_module, "WAL_PAGES", 2048)  # a copy is asked for every 32 pages written
+        self.patch(store_module, "WAL_PAGES", 256)  # a copy is asked for every 4 pages, 64 rows, written
         store = SQLiteStore(self.path, reactor)
         self.addCleanup(store.close)  # also when an assertion fails: the store's thread would hold the process
         yield store.open()
         checkpoints = store.backend._checkpoints
         empty = self.path.stat().st_size
-        yield DeferredList([store.add(record(b"%d " % i + b"x" * 3000)) for i in range(30)])
-        self.assertEqual(checkpoints.passes, 0)  # 90 KB: not enough to ask for a copy
-        yield DeferredList([store.add(record(b"%d " % i + b"x" * 3000)) for i in range(30, 100)])
-        yield self.wait_for(lambda: checkpoints.passes >= 1 and self.path.stat().st_size > empty + 100 * 3000,
+        yield DeferredList([store.add(bulky(b"%d" % i)) for i in range(30)])
+        self.assertEqual(checkpoints.passes, 0)  # 30 rows: not enough to ask for a copy
+        yield DeferredList([store.add(bulky(b"%d" % i)) for i in range(30, 100)])
+        yield self.wait_for(lambda: checkpoints.passes >= 1 and self.path.stat().st_size > empty + 100 * 1500,
                             "the alerts' pages in the database file")
         reader = sqlite3.connect(self.path)  # they are there, whichever file holds them
         self.assertEqual(reader.execute("SELECT count(*) FROM alerts").fetchone()[0], 100)
@@ -361,7 +378,7 @@ class StoreTests(unittest.TestCase):
         wal = Path(str(self.path) + "-wal")
         sizes = []
         for n in range(40):
-            results = yield DeferredList([store.add(record(b"%d-%d " % (n, i) + b"x" * 2000)) for i in range(20)])
+            results = yield DeferredList([store.add(bulky(b"%d-%d" % (n, i))) for i in range(20)])
             self.assertEqual([r for _, r in results], [True] * 20)
             sizes.append(wal.stat().st_size)
             if n == 0:
@@ -737,3 +754,172 @@ class SlowStoreTests(ManagerCase):
         yield within(peer.until_length(count * len(OK)), 90)
         self.assertEqual(peer.take(), OK * count)
         self.assertEqual(len(self.stored()), count)
+
+
+class BodyLogTests(unittest.TestCase):
+    """
+    Bodies live in an append-only log beside the file (iapd/bodylog.py): flushed before
+    the rows that point at them commit, checked against their digest when read.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp()) / "alerts.db"
+        self.log = self.path.parent / "alerts.db-bodies"
+        self.errors: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_level") is not None and event["log_level"].name in ("error", "critical"):
+                self.errors.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    @inlineCallbacks
+    def store(self, bodies: list[bytes], *, summaries: bool = True) -> Any:
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)  # also when an assertion fails: the store's thread would hold the process
+        if not summaries:
+            store.SUMMARY_DELAY = 3600
+        yield store.open()
+        new = yield store.add_many([record(b) for b in bodies])
+        if summaries:
+            yield store.summarised()
+        yield store.close()
+        return new
+
+    @inlineCallbacks
+    def test_octets_a_crash_left_after_the_last_commit_are_never_read(self) -> Any:
+        """A crash between the append and the commit leaves bodies no row points at: the
+        next batch goes after them, and every alert reads back as it came."""
+        first = [IDMEF_ALERT % (i, i) for i in range(3)]
+        yield self.store(first)
+        with open(self.log, "ab") as f:
+            f.write(b"<half an alert from a batch that never committed")
+        then = [IDMEF_ALERT % (i, i) for i in range(3, 6)]
+        self.assertEqual((yield self.store(then + first[:1])), [True] * 3 + [False])
+        alerts = read_alerts(self.path, with_body=True)
+        self.assertEqual([a["body"] for a in alerts], first + then)
+        self.assertEqual([a["idmef"]["messageid"] for a in alerts], [f"m{i}" for i in range(6)])
+        self.assertEqual(self.errors, [])
+
+    @inlineCallbacks
+    def test_a_damaged_body_is_named_and_harms_no_other_alert(self) -> Any:
+        from iapd.web.readers import StoreReader
+
+        bodies = [IDMEF_ALERT % (i, i) for i in range(3)]
+        yield self.store(bodies, summaries=False)
+        with closing(sqlite3.connect(self.path)) as db:
+            at = db.execute("SELECT body_at FROM alerts WHERE id = 2").fetchone()[0]
+        damaged = bytearray(self.log.read_bytes())
+        damaged[at + 10] ^= 0x20
+        self.log.write_bytes(bytes(damaged))
+
+        listed = read_alerts(self.path)  # a listing without bodies still shows every alert
+        self.assertEqual([a["idmef"] and a["idmef"]["messageid"] for a in listed], ["m0", None, "m2"])
+        self.assertEqual([a["size"] for a in listed], [len(b) for b in bodies])
+        with self.assertRaises(StoreError) as raised:
+            read_alerts(self.path, with_body=True)
+        self.assertEqual(str(raised.exception), f"alert 2: its body in {self.log.resolve()} (at {at}) does not match its SHA-256")
+        self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True, after_id=2)], bodies[2:])
+        reader = StoreReader(self.path, None)
+        self.assertEqual(reader.alert(1)["body"], bodies[0])
+        self.assertRaises(StoreError, reader.alert, 2)  # the dashboard answers 503 with the message
+
+        yield self.store([IDMEF_ALERT % (3, 3)])  # the manager's summary pass goes on past it
+        self.assertEqual(raw_summaries(self.path)[1], "null")
+        self.assertEqual([json.loads(s) and json.loads(s)["messageid"] for s in raw_summaries(self.path)],
+                         ["m0", None, "m2", "m3"])
+        self.assertEqual(len(self.errors), 1, self.errors)
+        self.assertIn("no summary for alert 2: its body in", self.errors[0])
+
+    @inlineCallbacks
+    def test_a_log_lost_while_no_manager_ran_is_reported_at_start(self) -> Any:
+        bodies = [IDMEF_ALERT % (i, i) for i in range(2)]
+        yield self.store(bodies)
+        self.log.unlink()
+        with self.assertRaises(StoreError) as raised:
+            read_alerts(self.path, with_body=True)
+        self.assertIn("alert 1: cannot read its body from", str(raised.exception))
+        self.assertIn("No such file or directory", str(raised.exception))
+
+        yield self.store([b"after the loss"])  # alerts are still taken
+        self.assertEqual(len(self.errors), 1, self.errors)
+        self.assertIn(f"the body log {self.log.resolve()} holds 0 octets, but the body of alert 2 ends at", self.errors[0])
+        self.assertEqual(read_alerts(self.path, with_body=True, after_id=2)[0]["body"], b"after the loss")
+        from iapd.web.readers import StoreReader
+
+        with self.assertRaises(StoreError) as raised:
+            StoreReader(self.path, None).alert(2)
+        self.assertIn(f"alert 2: the body log {self.log.resolve()} ends before its body does", str(raised.exception))
+
+    @inlineCallbacks
+    def test_a_store_made_before_the_body_log_is_read_then_given_the_columns(self) -> Any:
+        """
+        A file an earlier version wrote keeps its bodies in their rows: readers
+        (read-only) take it as it is and leave it alone; the manager adds the columns
+        at open, and old and new alerts read back as they came.
+        """
+        old_schema = store_module.SCHEMA.replace("    idmef TEXT,\n    body_at INTEGER,\n    body_size INTEGER\n);",
+                                                 "    idmef TEXT\n);")
+        self.assertNotEqual(old_schema, store_module.SCHEMA)
+        self.path.parent.mkdir()
+        old = [IDMEF_ALERT % (i, i) for i in range(2)]
+        with closing(sqlite3.connect(self.path)) as db:
+            db.executescript(old_schema)
+            db.executemany(
+                "INSERT INTO alerts (sensor, received, content_type, sha256, via, peer, body, idmef)"
+                " VALUES ('s1.test', '2026-11-23T10:00:00.000000+00:00', ?, ?, '[]', NULL, ?, NULL)",
+                [(IDEF, hashlib.sha256(b).hexdigest(), b) for b in old],
+            )
+            db.commit()
+        before = self.path.read_bytes()
+        listed = read_alerts(self.path, with_body=True)
+        self.assertEqual([(a["body"], a["size"], a["idmef"]["messageid"]) for a in listed],
+                         [(b, len(b), f"m{i}") for i, b in enumerate(old)])
+        self.assertEqual(self.path.read_bytes(), before)  # the reader changed nothing
+        self.assertFalse(self.log.exists())
+
+        new = [IDMEF_ALERT % (i, i) for i in range(2, 4)]
+        self.assertEqual((yield self.store(new + old[:1])), [True, True, False])  # an old alert's retransmission is known
+        with closing(sqlite3.connect(self.path)) as db:
+            places = db.execute("SELECT length(body), body_at, body_size FROM alerts ORDER BY id").fetchall()
+        self.assertEqual(places, [(len(old[0]), None, None), (len(old[1]), None, None),
+                                  (0, 0, len(new[0])), (0, len(new[0]), len(new[1]))])
+        self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True)], old + new)
+        self.assertEqual(self.errors, [])
+
+    @inlineCallbacks
+    def test_a_body_log_that_cannot_be_opened_stops_the_open(self) -> Any:
+        self.path.parent.mkdir()
+        self.log.mkdir()  # in the way
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        with self.assertRaises(StoreError) as raised:
+            yield store.open()
+        self.assertIn(f"cannot open SQLite store {self.path}: cannot open the body log {self.log.resolve()}: Is a directory",
+                      str(raised.exception))
+
+    @inlineCallbacks
+    def test_a_body_log_the_disk_refuses_fails_the_commit_and_stores_nothing(self) -> Any:
+        """A full disk (the log on /dev/full): the batch is answered with the error (a
+        503 on the wire), no row points at a body that is not there, and the manager
+        goes on."""
+        if not Path("/dev/full").exists():
+            raise unittest.SkipTest("no /dev/full")
+        yield self.store([IDMEF_ALERT % (0, 0)])
+        self.log.unlink()
+        self.log.symlink_to("/dev/full")
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        yield store.open()
+        outcomes = yield store.add_many([record(IDMEF_ALERT % (1, 1)), record(IDMEF_ALERT % (2, 2))])
+        yield store.close()
+        self.assertEqual([type(o) for o in outcomes], [StoreError, StoreError])
+        self.assertIn("cannot append to the body log", str(outcomes[0]))
+        self.assertIn("No space left on device", str(outcomes[0]))
+        with closing(sqlite3.connect(self.path)) as db:
+            self.assertEqual(db.execute("SELECT count(*) FROM alerts").fetchone()[0], 1)
+        self.assertEqual(len(self.errors), 2, self.errors)  # the short log at start, the failed commit
+        self.assertIn("store commit of 2 alerts failed (BodyLogError: cannot append to the body log", self.errors[1])

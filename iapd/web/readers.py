@@ -20,19 +20,21 @@ from typing import Any, Callable, Sequence
 import attr
 
 from .. import pgstore
+from ..bodylog import BodyReader, log_path
+from ..store import BODY_COLUMNS as SQLITE_BODY_COLUMNS
 from ..store import PENDING_BODY
 from ..store import alert_from_row as sqlite_alert_from_row
 from ..store import open_reader as sqlite_open_reader
 from ..store import read_sensors
 from .query import SEVERITIES, AlertQuery, SensorQuery, StatsQuery
 
-ALERT_COLUMNS = "id, sensor, received, content_type, sha256, via, peer, {length}(body) AS size, idmef"
+ALERT_COLUMNS = "id, sensor, received, content_type, sha256, via, peer, idmef"
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class _Dialect:
     mark: str
-    length: str
+    body_columns: str  # the alert's size, and what its reader needs to summarise or read its body
     field: Callable[[str], str]  # the text of an idmef summary field
     glob: str
     contains: str  # {field} contains the placeholder, ignoring ASCII case
@@ -42,7 +44,7 @@ class _Dialect:
 
 SQLITE = _Dialect(
     mark="?",
-    length="length",
+    body_columns=SQLITE_BODY_COLUMNS,
     field=lambda name: f"json_extract(idmef, '$.{name}')",
     glob="sensor GLOB ?",
     contains="instr(lower({field}), lower(?)) > 0",
@@ -52,7 +54,7 @@ SQLITE = _Dialect(
 
 POSTGRES = _Dialect(
     mark="%s",
-    length="octet_length",
+    body_columns=f"octet_length(body) AS size, {PENDING_BODY}",
     field=lambda name: f"(idmef->>'{name}')",
     glob="sensor ~ %s",
     contains="position(lower(%s) in lower({field})) > 0",
@@ -135,14 +137,14 @@ class StoreReader:
 
     def _alert(self, row: Any, with_body: bool) -> dict[str, Any]:
         if self.store_path is not None:
-            return sqlite_alert_from_row(row, with_body)
+            with BodyReader(log_path(self.store_path)) as bodies:  # opened only if a body is read
+                return sqlite_alert_from_row(row, with_body, bodies)
         return pgstore.alert_from_row(row, with_body)
 
     def _select(self, with_body: bool = False) -> str:
-        columns = ALERT_COLUMNS.format(length=self.dialect.length) + (", body" if with_body else "")
         # the store summarises after the commit: a row read before that is summarised
         # here, from its body (as iapctl does)
-        return f"SELECT {columns}, {PENDING_BODY}"
+        return f"SELECT {ALERT_COLUMNS}, {self.dialect.body_columns}" + (", body" if with_body else "")
 
     def alerts(self, q: AlertQuery) -> AlertPage:
         """A page of alerts, newest first."""
