@@ -3,7 +3,7 @@ Alert bodies in an append-only file beside the SQLite store (C{alerts.db-bodies}
 
 SQLite in WAL mode writes every page twice, once to the log and once more when the log
 is copied into the file, and a 4 KiB body takes a page of its own and part of an
-overflow page: some 9.5 KiB reached the disk per 4 KiB alert, and at 4 KiB the disk and
+overflow page: some 9.2 KiB reached the disk per 4 KiB alert, and at 4 KiB the disk and
 the store's thread set the manager's pace.  Appended to a file of their own, bodies are
 written once; the row keeps where the body starts and how long it is (4.6 KiB written
 per 4 KiB alert), and the summaries written after the commit rewrite a small row, not
