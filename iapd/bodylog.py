@@ -32,6 +32,10 @@ class BodyLogError(Exception):
     """A body cannot be appended or read back intact; the message says which and why."""
 
 
+class BodyDamaged(BodyLogError):
+    """What the log holds where a row points is not that row's body (cut short, or changed)."""
+
+
 def log_path(store: Path) -> Path:
     """The body log of the SQLite file C{store}: beside it, named after it."""
     real = store.resolve()
@@ -46,16 +50,15 @@ class BodyLog:
         self._fd: int | None = None
 
     def open(self) -> None:
-        created = not self.path.exists()
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-            if created:
-                # the file's name must survive a crash as surely as what is in it
-                directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+            # the file's name must survive a power loss as surely as what is in it: on
+            # every open, for a run killed between creating the file and this
+            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         except OSError as e:
             self.close()
             raise BodyLogError(f"cannot open the body log {self.path}: {e.strerror or e}") from None
@@ -90,6 +93,12 @@ class BodyLog:
         except OSError as e:
             raise BodyLogError(f"cannot flush the body log {self.path}: {e.strerror or e}") from None
 
+    def size(self) -> int:
+        """The log's length in octets."""
+        if self._fd is None:
+            raise BodyLogError(f"the body log {self.path} is not open")
+        return os.fstat(self._fd).st_size
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -118,7 +127,7 @@ class BodyReader:
         if at is None:
             return bytes(in_row)
         if size is None or size < 0 or at < 0:
-            raise BodyLogError(f"alert {alert_id}: its row holds no valid place in the body log (at {at}, size {size})")
+            raise BodyDamaged(f"alert {alert_id}: its row holds no valid place in the body log (at {at}, size {size})")
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -126,12 +135,12 @@ class BodyReader:
         except OSError as e:
             raise BodyLogError(f"alert {alert_id}: cannot read its body from {self.path}: {e.strerror or e}") from None
         if len(body) != size:
-            raise BodyLogError(
+            raise BodyDamaged(
                 f"alert {alert_id}: the body log {self.path} ends before its body does"
                 f" ({len(body)} of {size} octets at {at})"
             )
         if hashlib.sha256(body).hexdigest() != sha256:
-            raise BodyLogError(f"alert {alert_id}: its body in {self.path} (at {at}) does not match its SHA-256")
+            raise BodyDamaged(f"alert {alert_id}: its body in {self.path} (at {at}) does not match its SHA-256")
         return body
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .bodylog import BodyLog, BodyLogError, BodyReader, log_path
+from .bodylog import BodyDamaged, BodyLog, BodyLogError, BodyReader, log_path
 from .checkpoint import WalCheckpointer
 from .digests import DigestIndex, DigestIndexError, digest_key, why
 
@@ -309,21 +309,22 @@ class SQLiteBackend:
 
     def _check_body_log(self, db: sqlite3.Connection) -> None:
         """
-        Say so at start when the body log is shorter than the rows say it is (lost or
-        cut short while no manager ran: a crash never does that, the log is flushed
-        before the rows commit).  Alerts keep being stored: their bodies go after what
-        is left, and a reader reports each alert whose body is gone.
+        Refuse a body log shorter than the rows say (lost, or a database restored
+        without its log; a crash never does that, the log is flushed before the rows
+        commit).  New bodies would be appended where old rows point, and putting the
+        right log back later would then cost the alerts stored meanwhile.
         """
         # bodies are appended in id order: the last row with a place in the log ends last
         last = db.execute(
             "SELECT id, body_at + body_size FROM alerts WHERE body_at IS NOT NULL ORDER BY id DESC LIMIT 1"
         ).fetchone()
-        size = self.bodies.path.stat().st_size
+        size = self.bodies.size()
         if last is not None and last[1] > size:
-            self.log.error(
-                "the body log {path} holds {size} octets, but the body of alert {id} ends at {end}: bodies"
-                " stored past {size} octets are lost (reading those alerts says so); new bodies are appended",
-                path=str(self.bodies.path), size=size, id=last[0], end=last[1],
+            raise BodyLogError(
+                f"the body log {self.bodies.path} holds {size} octets, but the body of alert {last[0]} ends at"
+                f" {last[1]}: put back the body log that belongs with this database (a backup's, copied after"
+                f" it); to go on without the bodies it lacks, extend it with: truncate -s {last[1]}"
+                f" {self.bodies.path}"
             )
 
     def commit(self, rows: Sequence[Row], seen: Seen) -> list[bool]:
@@ -451,9 +452,10 @@ class SQLiteBackend:
             for i, in_row, at, size, sha256 in rows:
                 try:
                     pending.append((i, bodies.body(i, in_row, at, size, sha256)))
-                except BodyLogError as e:
+                except BodyDamaged as e:
                     # "no summary", so that the pass goes on past it; reading the alert
-                    # says the same as this
+                    # says the same as this.  A log that cannot be read at all fails the
+                    # pass instead, and the next pass tries again.
                     self.log.error("no summary for {why}", why=str(e))
                     pending.append((i, b""))
         return pending

@@ -194,7 +194,8 @@ def test_an_index_built_from_another_file_is_rebuilt(path: Path, tmp_path: Path,
     other = tmp_path / "other" / "alerts.db"
     commit(other, rows(100, 30))
     commit(path, rows(0, 10))
-    shutil.copy(other, path)  # another store's file, with more alerts than the index covers
+    shutil.copy(other, path)  # another store's file, with more alerts than the index covers,
+    shutil.copy(other.with_name("alerts.db-bodies"), path.with_name("alerts.db-bodies"))  # and its body log
     assert commit(path, rows(100, 30) + rows(0, 1)) == [False] * 30 + [True]
     assert stored(path) == (31, 31)
     assert "the index was built from another store file" in text(logged)
@@ -206,10 +207,12 @@ def test_a_file_replaced_by_a_copy_that_went_its_own_way_is_reindexed(path: Path
     commit(path, rows(0, 10))
     standby = tmp_path / "standby" / "alerts.db"
     standby.parent.mkdir()
-    shutil.copy(path, standby)
+    for copy in (standby, standby.with_name("alerts.db-bodies")):  # the file and its body log
+        shutil.copy(path.with_name(copy.name), copy)
     commit(path, rows(10, 10))  # ids 11-20 here
     commit(standby, rows(100, 15))  # ids 11-25 there, other alerts
-    shutil.copy(standby, path)
+    for copy in (path, path.with_name("alerts.db-bodies")):
+        shutil.copy(standby.with_name(copy.name), copy)
     assert commit(path, rows(100, 15) + rows(10, 1)) == [False] * 15 + [True]
     assert stored(path) == (26, 26)
     assert "the alert with id 20 in the store is not the one the index has" in text(logged)

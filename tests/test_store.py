@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -835,24 +836,48 @@ class BodyLogTests(unittest.TestCase):
         self.assertIn("no summary for alert 2: its body in", self.errors[0])
 
     @inlineCallbacks
-    def test_a_log_lost_while_no_manager_ran_is_reported_at_start(self) -> Any:
+    def test_a_store_whose_body_log_is_lost_is_refused_until_it_is_back_or_extended(self) -> Any:
+        """
+        A database restored without its log: new bodies would go where old rows point,
+        so the manager refuses to start, saying what to do; with the log put back
+        everything reads again, and an operator who extends the log as told goes on
+        without the old bodies, which readers then report.
+        """
+        from iapd.web.readers import StoreReader
+
         bodies = [IDMEF_ALERT % (i, i) for i in range(2)]
         yield self.store(bodies)
+        kept = self.log.read_bytes()
         self.log.unlink()
         with self.assertRaises(StoreError) as raised:
             read_alerts(self.path, with_body=True)
         self.assertIn("alert 1: cannot read its body from", str(raised.exception))
         self.assertIn("No such file or directory", str(raised.exception))
 
-        yield self.store([b"after the loss"])  # alerts are still taken
-        self.assertEqual(len(self.errors), 1, self.errors)
-        self.assertIn(f"the body log {self.log.resolve()} holds 0 octets, but the body of alert 2 ends at", self.errors[0])
-        self.assertEqual(read_alerts(self.path, with_body=True, after_id=2)[0]["body"], b"after the loss")
-        from iapd.web.readers import StoreReader
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        with self.assertRaises(StoreError) as raised:
+            yield store.open()
+        log = self.log.resolve()
+        self.assertEqual(
+            str(raised.exception),
+            f"cannot open SQLite store {self.path}: the body log {log} holds 0 octets, but the body of alert 2 ends"
+            f" at {len(kept)}: put back the body log that belongs with this database (a backup's, copied after it);"
+            f" to go on without the bodies it lacks, extend it with: truncate -s {len(kept)} {log}",
+        )
 
+        self.log.write_bytes(kept)  # put back
+        yield self.store([b"after the return"])
+        self.assertEqual([a["body"] for a in read_alerts(self.path, with_body=True)], bodies + [b"after the return"])
+
+        self.log.write_bytes(b"")
+        os.truncate(self.log, len(kept) + len(b"after the return"))  # extended, as the message says
+        yield self.store([b"after the loss"])
+        self.assertEqual(read_alerts(self.path, with_body=True, after_id=3)[0]["body"], b"after the loss")
         with self.assertRaises(StoreError) as raised:
             StoreReader(self.path, None).alert(2)
-        self.assertIn(f"alert 2: the body log {self.log.resolve()} ends before its body does", str(raised.exception))
+        self.assertEqual(str(raised.exception), f"alert 2: its body in {log} (at {len(bodies[0])}) does not match its SHA-256")
+        self.assertEqual(self.errors, [])
 
     @inlineCallbacks
     def test_a_store_made_before_the_body_log_is_read_then_given_the_columns(self) -> Any:
@@ -880,6 +905,9 @@ class BodyLogTests(unittest.TestCase):
                          [(b, len(b), f"m{i}") for i, b in enumerate(old)])
         self.assertEqual(self.path.read_bytes(), before)  # the reader changed nothing
         self.assertFalse(self.log.exists())
+        from iapd.web.readers import StoreReader
+
+        self.assertEqual(StoreReader(self.path, None).alert(2)["body"], old[1])  # the dashboard's reader too
 
         new = [IDMEF_ALERT % (i, i) for i in range(2, 4)]
         self.assertEqual((yield self.store(new + old[:1])), [True, True, False])  # an old alert's retransmission is known
@@ -908,8 +936,7 @@ class BodyLogTests(unittest.TestCase):
         goes on."""
         if not Path("/dev/full").exists():
             raise unittest.SkipTest("no /dev/full")
-        yield self.store([IDMEF_ALERT % (0, 0)])
-        self.log.unlink()
+        self.path.parent.mkdir()
         self.log.symlink_to("/dev/full")
         store = SQLiteStore(self.path, reactor)
         self.addCleanup(store.close)
@@ -920,6 +947,6 @@ class BodyLogTests(unittest.TestCase):
         self.assertIn("cannot append to the body log", str(outcomes[0]))
         self.assertIn("No space left on device", str(outcomes[0]))
         with closing(sqlite3.connect(self.path)) as db:
-            self.assertEqual(db.execute("SELECT count(*) FROM alerts").fetchone()[0], 1)
-        self.assertEqual(len(self.errors), 2, self.errors)  # the short log at start, the failed commit
-        self.assertIn("store commit of 2 alerts failed (BodyLogError: cannot append to the body log", self.errors[1])
+            self.assertEqual(db.execute("SELECT count(*) FROM alerts").fetchone()[0], 0)
+        self.assertEqual(len(self.errors), 1, self.errors)
+        self.assertIn("store commit of 2 alerts failed (BodyLogError: cannot append to the body log", self.errors[0])
