@@ -950,3 +950,30 @@ class BodyLogTests(unittest.TestCase):
             self.assertEqual(db.execute("SELECT count(*) FROM alerts").fetchone()[0], 0)
         self.assertEqual(len(self.errors), 1, self.errors)
         self.assertIn("store commit of 2 alerts failed (BodyLogError: cannot append to the body log", self.errors[0])
+
+    @inlineCallbacks
+    def test_a_log_that_cannot_be_read_for_a_while_leaves_summaries_to_a_later_pass(self) -> Any:
+        """Only a damaged body becomes "no summary": while the log cannot be read (here a
+        directory stands at its path) the pass fails, the rows stay pending, and the
+        next pass writes their summaries."""
+        store = SQLiteStore(self.path, reactor)
+        self.addCleanup(store.close)
+        store.SUMMARY_DELAY = 3600
+        yield store.open()
+        yield store.add_many([record(IDMEF_ALERT % (i, i)) for i in range(2)])
+        aside = self.path.parent / "aside"
+        os.rename(self.log, aside)
+        os.mkdir(self.log)
+        yield store.summarised()
+        self.assertEqual(raw_summaries(self.path), [None, None])
+        self.assertEqual(len(self.errors), 1, self.errors)
+        self.assertIn("writing alert summaries failed (alert 1: cannot read its body from", self.errors[0])
+        self.assertIn("Is a directory", self.errors[0])
+
+        os.rmdir(self.log)
+        os.rename(aside, self.log)
+        yield store.add_many([record(IDMEF_ALERT % (2, 2))])
+        yield store.summarised()
+        yield store.close()
+        self.assertEqual([json.loads(s)["messageid"] for s in raw_summaries(self.path)], ["m0", "m1", "m2"])
+        self.assertEqual(len(self.errors), 1, self.errors)
