@@ -153,7 +153,8 @@ class DigestIndex:
         start = _unmark(watermark if clean is not None and clean == watermark else self._db.get(_DURABLE))
         if found is None:
             if stored:
-                self._rebuild(db, "the store has no index yet (made by an earlier version, or the index was removed)")
+                self._rebuild(db, "the store has no index yet (made by an earlier version, restored from a backup,"
+                                  " or the index was removed)")
                 return
             self._db.put(_STORE, token.encode(), sync=True)
         elif found != token.encode():

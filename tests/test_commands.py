@@ -7,13 +7,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import resource
 import signal
+import subprocess
+import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from .processes import Daemon, free_port, run
+from iapd.store import read_alerts
+
+from .processes import Daemon, env, free_port, run
 
 
 @pytest.fixture
@@ -186,3 +193,203 @@ def test_proxy_needs_its_configuration(tmp_path: Path) -> None:
     log = daemon.log()
     assert code == 1 and "configuration error" in log and "routes: must be a non-empty list" in log
     assert "Traceback" not in log
+
+
+# -- iapctl backup -------------------------------------------------------------------
+
+
+def _ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(["iapd.ctl", "-c", str(config), *args])
+
+
+def _config_for(state: Path, store: Path, port: int, tmp_path: Path) -> tuple[Path, Path]:
+    """A manager configuration on C{store} listening on C{port}, and a sensor's for it."""
+    manager = tmp_path / f"manager-{port}.yaml"
+    manager.write_text(
+        (state / "manager.yaml").read_text()
+        .replace("pki/", f"{state}/pki/")
+        .replace('store: "sqlite:///alerts.db"', f'store: "sqlite:///{store}"')
+        .replace("web: {", "#")
+        .replace(re.search(r"tcp:(\d+):", (state / "manager.yaml").read_text())[0], f"tcp:{port}:")
+    )
+    sensor = tmp_path / f"sensor-{port}.yaml"
+    sensor.write_text(
+        re.sub(r"port=\d+", f"port={port}", (state / "sensor.yaml").read_text()).replace("pki/", f"{state}/pki/")
+    )
+    return manager, sensor
+
+
+def test_backup_while_the_manager_runs_and_a_manager_starts_on_it(dev_manager, tmp_path: Path) -> None:
+    state, _ = dev_manager
+    sent = [b"first alert before the backup", b"second alert before the backup"]
+    for body in sent:
+        assert run(["iapd.send", "-c", str(state / "sensor.yaml"), "-"], stdin=body).returncode == 0
+    (tmp_path / "backups").mkdir()
+
+    done = _ctl(state / "manager.yaml", "backup", str(tmp_path / "backups"), "--verify")
+    assert done.returncode == 0, done.stderr
+    copy = tmp_path / "backups" / "alerts.db"
+    assert f"3 alerts (the last: 3) in {copy}, their bodies in {copy}-bodies" in done.stdout
+    assert "checked: the database is sound and every body matches its SHA-256" in done.stdout
+    # the running manager goes on; what it stores after the backup is not in it
+    assert run(["iapd.send", "-c", str(state / "sensor.yaml"), "-"], stdin=b"after the backup").returncode == 0
+
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["alerts.db", "alerts.db-bodies"]
+    bodies = [(state / "sample-alert.xml").read_bytes(), *sent]
+    assert Path(f"{copy}-bodies").read_bytes() == b"".join(bodies)
+    assert [a["body"] for a in read_alerts(copy, with_body=True)] == bodies
+
+    # a manager starts on the copy: the digest index is rebuilt, a retransmission is
+    # recognised, and a new alert's body goes after the copy's
+    port = free_port()
+    manager_yaml, sensor_yaml = _config_for(state, copy, port, tmp_path)
+    restored = Daemon(["iap-manager", "-c", str(manager_yaml)], tmp_path)
+    try:
+        restored.wait_for("restored from a backup")
+        restored.wait_for(f"ManagerFactory starting on {port}")
+        for body in (sent[0], b"new on the restored copy"):
+            answer = run(["iapd.send", "-c", str(sensor_yaml), "-"], stdin=body)
+            assert answer.returncode == 0, answer.stderr
+    finally:
+        assert restored.stop() in (0, -signal.SIGTERM), restored.log()
+    assert "Traceback" not in restored.log()
+    assert [a["body"] for a in read_alerts(copy, with_body=True)] == [*bodies, b"new on the restored copy"]
+
+
+def test_backup_refusals_leave_nothing_behind(dev_manager, tmp_path: Path) -> None:
+    state, _ = dev_manager
+    config = state / "manager.yaml"
+    out = tmp_path / "out"
+    out.mkdir()
+    taken = out / "taken.db"
+    taken.write_bytes(b"someone's file")
+    refused = _ctl(config, "backup", str(taken))
+    assert refused.returncode == 2
+    assert f"iapctl: error: {taken} already exists: a backup never replaces a file; name another" in refused.stderr
+    assert taken.read_bytes() == b"someone's file" and not Path(f"{taken}-bodies").exists()
+
+    Path(f"{out}/lone.db-bodies").write_bytes(b"x")
+    refused = _ctl(config, "backup", str(out / "lone.db"))
+    assert refused.returncode == 2 and "lone.db-bodies already exists" in refused.stderr
+    assert not (out / "lone.db").exists()
+
+    refused = _ctl(config, "backup", str(out / "absent" / "copy.db"))
+    assert refused.returncode == 2 and f"cannot write a backup in {out / 'absent'}: no such directory" in refused.stderr
+
+    postgres = out / "pg.yaml"
+    postgres.write_text(config.read_text().replace('"sqlite:///alerts.db"', '"postgresql://iapd@127.0.0.1:1/iapd"')
+                        .replace("pki/", f"{state}/pki/"))
+    refused = _ctl(postgres, "backup", str(out / "pg-copy.db"))
+    assert refused.returncode == 2 and "this manager's store is PostgreSQL: back it up with" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["lone.db-bodies", "pg.yaml", "taken.db"]
+
+
+def test_backup_of_a_damaged_store(dev_manager, tmp_path: Path) -> None:
+    """A short body log: no backup; a changed body: the backup, and which alert is damaged."""
+    state, _ = dev_manager
+    for body in (b"alpha alpha alpha", b"bravo bravo bravo"):
+        assert run(["iapd.send", "-c", str(state / "sensor.yaml"), "-"], stdin=body).returncode == 0
+    # a copy of the store to damage (the running manager's own is left alone)
+    first = tmp_path / "first.db"
+    assert _ctl(state / "manager.yaml", "backup", str(first)).returncode == 0
+    config, _ = _config_for(state, first, free_port(), tmp_path)
+    log = Path(f"{first}-bodies")
+    whole = log.read_bytes()
+
+    log.write_bytes(whole[:-3])
+    short = _ctl(config, "backup", str(tmp_path / "second.db"))
+    assert short.returncode == 2
+    assert (f"the body log {log} holds {len(whole) - 3} octets, but the store's rows point at {len(whole)}"
+            in short.stderr)
+    assert not (tmp_path / "second.db").exists() and not list(tmp_path.glob(".*partial"))
+
+    log.write_bytes(whole.replace(b"bravo bravo", b"bravo BRAVO"))
+    damaged = _ctl(config, "backup", str(tmp_path / "second.db"), "--verify")
+    assert damaged.returncode == 1, damaged.stderr
+    assert f"iapctl: damaged: alert 3: its body in {tmp_path / 'second.db-bodies'} (at" in damaged.stderr
+    assert "the backup is written, but 1 of its alerts or pages are damaged" in damaged.stderr
+    assert "alert 2" not in damaged.stderr
+    assert Path(f"{tmp_path}/second.db-bodies").read_bytes() == log.read_bytes()
+
+
+def test_backup_while_alerts_keep_arriving(dev_manager, tmp_path: Path) -> None:
+    """Each copy is one committed state: every row it holds has its whole body, checked."""
+    state, _ = dev_manager
+    stop = threading.Event()
+    sent: list[bytes] = []
+    codes: list[int] = []
+
+    def send() -> None:
+        # one iap-send after the other, each with alerts of its own, until told to stop
+        while not stop.is_set() and len(codes) < 100:
+            batch = tmp_path / f"round-{len(codes)}"
+            batch.mkdir()
+            bodies = [f"round {len(codes)} alert {i} ".encode() * (1 + i * 7) for i in range(30)]
+            for i, body in enumerate(bodies):
+                (batch / f"{i:03d}.txt").write_bytes(body)
+            result = run(["iapd.send", "-c", str(state / "sensor.yaml"), *(str(batch / f"{i:03d}.txt") for i in range(30))])
+            codes.append(result.returncode)
+            sent.extend(bodies)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        copies = []
+        finished = 0
+        for n in range(3):
+            # a copy once the sender has finished two more rounds than at the last copy's
+            # end: at most one round in flight then, so each copy holds more than the last
+            deadline = time.monotonic() + 60
+            while len(codes) < finished + 2 and time.monotonic() < deadline and sender.is_alive():
+                time.sleep(0.05)
+            copies.append(tmp_path / f"copy-{n}.db")
+            done = _ctl(state / "manager.yaml", "backup", str(copies[-1]), "--verify")
+            assert done.returncode == 0, done.stderr
+            assert "every body matches its SHA-256" in done.stdout
+            finished = len(codes)
+    finally:
+        stop.set()
+        sender.join(120)
+    assert codes and set(codes) == {0}
+    counts = []
+    for copy in copies:
+        alerts = read_alerts(copy, with_body=True)
+        counts.append(len(alerts))
+        # the sample, then the alerts sent, in order, each once and whole
+        assert [a["id"] for a in alerts] == list(range(1, len(alerts) + 1))
+        assert [a["body"] for a in alerts[1:]] == sent[: len(alerts) - 1]
+        assert Path(f"{copy}-bodies").stat().st_size == sum(a["size"] for a in alerts)
+    # the store grew while the copies were made
+    assert counts[0] < counts[1] < counts[2] <= len(sent) + 1
+
+
+@pytest.mark.parametrize("limit, expected", [
+    # what SQLite says of EFBIG; of a full disk it says "database or disk is full"
+    (16 * 1024, "cannot copy the store {store} to {out}/.copy.db.partial: disk I/O error"),
+    (256 * 1024, "cannot copy the body log {store}-bodies to {out}/.copy.db-bodies.partial: File too large"),
+])
+def test_backup_that_cannot_be_written_leaves_nothing(dev_manager, tmp_path: Path, limit: int, expected: str) -> None:
+    """A disk that fills during the backup (here a file size limit): the reason, and no file."""
+    state, _ = dev_manager
+    for n in range(3):
+        body = f"large alert {n} ".encode() * 8000  # 110 KiB each
+        assert run(["iapd.send", "-c", str(state / "sensor.yaml"), "-"], stdin=body).returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a core dump
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = subprocess.run(
+        [sys.executable, "-m", "iapd.ctl", "-c", str(state / "manager.yaml"), "backup", str(out / "copy.db")],
+        env=env(), capture_output=True, text=True, timeout=60, preexec_fn=limited,
+    )
+    assert failed.returncode == 2, failed.stderr
+    store = (state / "alerts.db").resolve()
+    assert f"iapctl: error: {expected.format(store=store, out=out)}\n" == failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert list(out.iterdir()) == []
+    # with room, the same backup is whole
+    assert _ctl(state / "manager.yaml", "backup", str(out / "copy.db"), "--verify").returncode == 0

@@ -437,7 +437,7 @@ def _man(page: str) -> str:
 
 @pytest.mark.parametrize("command, module, subcommands", [
     ("iap-send", "iapd.send", [[]]),
-    ("iapctl", "iapd.ctl", [["alerts"], ["sensors"], ["tail"]]),
+    ("iapctl", "iapd.ctl", [["alerts"], ["sensors"], ["tail"], ["backup"]]),
     ("iap-pki", "iapd.pki_cli", [["init-ca"], ["issue"]]),
 ])
 def test_man_pages_cover_commands(command: str, module: str, subcommands: list[list[str]]) -> None:
