@@ -14,7 +14,8 @@ What is measured (sensors, managers and relays are separate processes; the machi
 cores are shared by all of them, the load generator included).  Every throughput,
 latency and peer case runs C{--rounds} times (3), interleaved with the cases it is
 compared with and in a rotated order, each run against a fresh manager; the median is
-reported, with the lowest and highest:
+reported, with the lowest and highest, and each ratio both of medians and paired by
+round (the goals are judged on the paired one):
 
   throughput   sustained alerts/s from N sensors (1, 16, 256), each keeping a window of
                alerts in flight, every alert committed before its 200; direct, through
@@ -195,7 +196,8 @@ class Bench:
         The machine's speed drifts by a third over minutes: run once, and one after
         the other, cases were compared across that drift, and the first case of a
         group always ran on the quietest machine.  Interleaved and rotated, each case
-        meets the same drift, and the median of its rounds is what is compared.
+        meets the same drift, and the median of its rounds, or of the ratios within
+        its rounds (L{paired}), is what is compared.
         """
         for rnd in range(self.args.rounds):
             for i in range(len(cases)):
