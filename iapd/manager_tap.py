@@ -27,6 +27,7 @@ from .manager import ManagerFactory, ManagerSettings
 from .metrics import ManagerMetrics
 from .pgstore import PostgresStore
 from .reload import ReloadOnHangup, load_again, warn_restart_keys, web_reloaded
+from .sdnotify import ReadyNotifier
 from .services import QuieterCollector, add_listeners, configuration_error, stop_failed
 from .store import GroupCommitStore, SQLiteStore, read_alerts
 from .web.site import manager_site
@@ -252,7 +253,8 @@ def makeService(options: Options) -> service.IService:
         add_listeners(top, reactor, [config.web_listen], site)
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)
-    QuieterCollector().setServiceParent(top)  # last: once everything has started
+    QuieterCollector().setServiceParent(top)  # once everything has started
+    ReadyNotifier("manager").setServiceParent(top)  # last
     log.info(
         "manager {identity}: listening on {listen}, dialing {dial}, store {store}, setup timeout {t}s,"
         " max content {n} octets, web {web}",

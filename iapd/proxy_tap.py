@@ -15,6 +15,7 @@ from twisted.python import usage
 from .config import ConfigError, ProxyConfig, load_proxy
 from .proxy import ProxyFactory, ProxySettings, Route
 from .reload import ReloadOnHangup, load_again, warn_restart_keys
+from .sdnotify import ReadyNotifier
 from .services import add_listeners, configuration_error
 
 log = Logger(namespace="iapd.proxy")
@@ -82,6 +83,7 @@ def makeService(options: Options) -> service.IService:
     # before the listeners: they bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, ProxyReload(factory, config), "proxy").setServiceParent(top)
     add_listeners(top, reactor, config.listen, factory)
+    ReadyNotifier("proxy").setServiceParent(top)  # last
     log.info(
         "proxy {identity}: listening on {listen}, routes {routes}",
         identity=config.identity, listen=list(config.listen),

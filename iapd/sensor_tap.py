@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from .config import ConfigError, load_sensor
 from .reload import ReloadOnHangup
+from .sdnotify import ReadyNotifier
 from .sensor import SensorService
 from .services import configuration_error
 
@@ -48,4 +49,5 @@ def makeService(options: Options) -> service.IService:
     # before the sensor's services: its listeners bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, sensor.reload, "sensor").setServiceParent(top)
     sensor.setServiceParent(top)
+    ReadyNotifier("sensor").setServiceParent(top)  # last
     return top

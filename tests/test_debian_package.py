@@ -404,6 +404,7 @@ def test_units() -> None:
         ) in text
         assert "User=iapd\n" in text and "StateDirectory=iapd\n" in text
         assert "ExecReload=/bin/kill -HUP $MAINPID\n" in text
+        assert "Type=notify\n" in text  # iapd.sdnotify: started once the ports are bound
         ours = [line for line in text.splitlines() if line.startswith(("Protect", "Private", "Restrict", "Capability",
                                                                         "NoNewPrivileges", "SystemCall", "Lock"))]
         assert "CapabilityBoundingSet=" in ours and "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX" in ours
