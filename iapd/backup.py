@@ -54,16 +54,19 @@ def backup_store(store: Path, dest: Path, verify: bool = False) -> Backup:
     Raises L{StoreError} with the reason when nothing was written (an existing file is
     never replaced), or when the check of a written backup could not be done.
     """
-    dest = Path(os.path.abspath(dest))
-    if dest.is_dir():
-        dest = dest / store.name
-    bodies_dest = log_path(dest)
-    for path in (dest, bodies_dest):
-        if os.path.lexists(path):
-            raise StoreError(f"{path} already exists: a backup never replaces a file; name another")
-    parent = bodies_dest.parent
-    if not parent.is_dir():
-        raise StoreError(f"cannot write a backup in {parent}: no such directory")
+    try:
+        dest = Path(os.path.abspath(dest))
+        if dest.is_dir():
+            dest = dest / store.name
+        bodies_dest = log_path(dest)
+        for path in (dest, bodies_dest):
+            if os.path.lexists(path):
+                raise StoreError(f"{path} already exists: a backup never replaces a file; name another")
+        parent = bodies_dest.parent
+        if not parent.is_dir():
+            raise StoreError(f"cannot write a backup in {parent}: no such directory")
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symbolic link loop
+        raise StoreError(f"cannot write a backup at {dest}: {getattr(e, 'strerror', None) or e}") from None
     tmp_db = parent / f".{dest.name}.partial"
     tmp_log = parent / f".{bodies_dest.name}.partial"
     made: list[Path] = []  # only what this backup made is removed if it fails
@@ -75,18 +78,24 @@ def backup_store(store: Path, dest: Path, verify: bool = False) -> Backup:
         for tmp, final in ((tmp_log, bodies_dest), (tmp_db, dest)):
             _name(tmp, final)
             made.append(final)
-            os.unlink(tmp)
+            _unlink(tmp)
             made.remove(tmp)
         _sync_directory(parent)
     except BaseException:
-        for path in made:
+        # what SQLite's copy left too, if it was cut short
+        for path in [*made, *([Path(f"{tmp_db}-journal")] if tmp_db in made else [])]:
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
         raise
     # the backup is whole from here on: what the check finds is reported, not undone
-    damaged = _verify(dest, bodies_dest) if verify else ()
+    try:
+        damaged = _verify(dest, bodies_dest) if verify else ()
+    except StoreError as e:
+        raise StoreError(f"the backup is written ({dest} and {bodies_dest}) but could not be checked: {e}") from None
+    except KeyboardInterrupt:
+        raise StoreError(f"the backup is written ({dest} and {bodies_dest}); its check was interrupted") from None
     return Backup(dest, bodies_dest, alerts, last_id, octets, damaged, verify)
 
 
@@ -160,7 +169,11 @@ def _copy_log(source: Path, target: Path, needed: int, made: list[Path]) -> int:
 def _verify(database: Path, bodies: Path) -> tuple[str, ...]:
     """SQLite's integrity check of the copy, and every body read back against its row's SHA-256."""
     problems: list[str] = []
-    db = open_reader(database)
+    try:
+        db = open_reader(database)
+    except StoreError as e:
+        return (f"database: {e}",)
+    checked = 0
     try:
         for (result,) in db.execute("PRAGMA integrity_check"):
             if result != "ok":
@@ -177,8 +190,10 @@ def _verify(database: Path, bodies: Path) -> tuple[str, ...]:
                     problems.append(str(e))
                 except BodyLogError as e:
                     raise StoreError(str(e)) from None
+                checked = row["id"]
     except sqlite3.Error as e:
-        raise StoreError(f"cannot check the copy {database}: {e}") from None
+        # pages so damaged that the rows cannot be read: what was found is the answer
+        problems.append(f"database: {e} (bodies checked up to alert {checked})")
     finally:
         db.close()
     return tuple(problems)
@@ -205,6 +220,13 @@ def _name(tmp: Path, final: Path) -> None:
         raise StoreError(f"{final} already exists: a backup never replaces a file; name another") from None
     except OSError as e:
         raise StoreError(f"cannot name the backup {final}: {e.strerror or e}") from None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        raise StoreError(f"cannot remove {path}: {e.strerror or e}") from None
 
 
 def _sync_file(path: Path) -> None:

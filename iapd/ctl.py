@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     sensors.add_argument("--json", action="store_true", help="one JSON object per line")
     backup = sub.add_parser("backup", help="copy an SQLite store and its body log, while the manager runs")
     backup.add_argument("dest", type=Path, help="the copy's database file (or a directory to put it in)")
-    backup.add_argument("--verify", action="store_true", help="then read every body of the copy back against its SHA-256")
+    backup.add_argument("--verify", action="store_true",
+                        help="then check the copy: SQLite's integrity check, and every body against its SHA-256")
     args = parser.parse_args(argv)
 
     try:
@@ -125,7 +126,11 @@ def _backup(config: ManagerConfig, dest: Path, verify: bool) -> int:
                          " PostgreSQL's own tools (pg_dump, or a base backup)")
     from .backup import backup_store
 
-    done = backup_store(config.store_path, dest, verify=verify)
+    try:
+        done = backup_store(config.store_path, dest, verify=verify)
+    except KeyboardInterrupt:
+        print("iapctl: interrupted: no backup written", file=sys.stderr)
+        return 130
     print(f"{done.alerts} alerts (the last: {done.last_id or '-'}) in {done.database}, their bodies in {done.bodies}"
           f" ({done.log_octets} octets)")
     if done.damaged:

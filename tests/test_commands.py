@@ -320,7 +320,15 @@ def test_backup_while_alerts_keep_arriving(dev_manager, tmp_path: Path) -> None:
     sent: list[bytes] = []
     codes: list[int] = []
 
+    failures: list[BaseException] = []
+
     def send() -> None:
+        try:
+            send_rounds()
+        except BaseException as e:  # reported by the test, not lost with the thread
+            failures.append(e)
+
+    def send_rounds() -> None:
         # one iap-send after the other, each with alerts of its own, until told to stop
         while not stop.is_set() and len(codes) < 100:
             batch = tmp_path / f"round-{len(codes)}"
@@ -343,6 +351,7 @@ def test_backup_while_alerts_keep_arriving(dev_manager, tmp_path: Path) -> None:
             deadline = time.monotonic() + 60
             while len(codes) < finished + 2 and time.monotonic() < deadline and sender.is_alive():
                 time.sleep(0.05)
+            assert not failures and len(codes) >= finished + 2, (failures, codes)
             copies.append(tmp_path / f"copy-{n}.db")
             done = _ctl(state / "manager.yaml", "backup", str(copies[-1]), "--verify")
             assert done.returncode == 0, done.stderr
