@@ -131,8 +131,8 @@ def _backup(config: ManagerConfig, dest: Path, verify: bool) -> int:
     except KeyboardInterrupt:
         print("iapctl: interrupted: no backup written", file=sys.stderr)
         return 130
-    print(f"{done.alerts} alerts (the last: {done.last_id or '-'}) in {done.database}, their bodies in {done.bodies}"
-          f" ({done.log_octets} octets)")
+    print(f"{done.alerts} alert{'' if done.alerts == 1 else 's'} (the last: {done.last_id or '-'}) in {done.database},"
+          f" their bodies in {done.bodies} ({done.log_octets} octets)")
     if done.damaged:
         for problem in done.damaged:
             print(f"iapctl: damaged: {problem}", file=sys.stderr)
