@@ -121,7 +121,8 @@ def _copy_database(store: Path, target: Path, made: list[Path]) -> tuple[int, in
         _sync_file(target)
         return alerts, last_id, needed
     except (sqlite3.Error, OSError) as e:
-        raise StoreError(f"cannot copy the store {store} to {target}: {getattr(e, 'strerror', None) or why(e)}") from None
+        reason = getattr(e, "strerror", None) or why(e)
+        raise StoreError(f"cannot copy the store {store} to {target}: {reason}") from None
     finally:
         source.close()
 

@@ -63,7 +63,9 @@ def _print_alerts(alerts: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="iapctl", description="Read the alerts and sensors an IAP manager stored, or back its store up.")
+    parser = argparse.ArgumentParser(
+        prog="iapctl", description="Read the alerts and sensors an IAP manager stored, or back its store up."
+    )
     parser.add_argument("-c", "--config", required=True, help="the manager's YAML configuration (manager.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     alerts = sub.add_parser("alerts", help="list stored alerts, oldest first")

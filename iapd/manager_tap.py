@@ -254,7 +254,7 @@ def makeService(options: Options) -> service.IService:
     if options.dev_state is not None:
         DevelopmentBanner(options, reactor).setServiceParent(top)
     QuieterCollector().setServiceParent(top)  # once everything has started
-    ReadyNotifier("manager").setServiceParent(top)  # last
+    ReadyNotifier(reactor, "manager").setServiceParent(top)  # last
     log.info(
         "manager {identity}: listening on {listen}, dialing {dial}, store {store}, setup timeout {t}s,"
         " max content {n} octets, web {web}",

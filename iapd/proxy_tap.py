@@ -83,7 +83,7 @@ def makeService(options: Options) -> service.IService:
     # before the listeners: they bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, ProxyReload(factory, config), "proxy").setServiceParent(top)
     add_listeners(top, reactor, config.listen, factory)
-    ReadyNotifier("proxy").setServiceParent(top)  # last
+    ReadyNotifier(reactor, "proxy").setServiceParent(top)  # last
     log.info(
         "proxy {identity}: listening on {listen}, routes {routes}",
         identity=config.identity, listen=list(config.listen),

@@ -53,14 +53,21 @@ class ReadyNotifier(service.Service):
     """
     Added last to a daemon's services: by its L{startService} every other service has
     started (twistd starts them in order, after binding the listeners).
+
+    twistd starts the services before it runs the reactor, and the reactor puts in its
+    SIGTERM and SIGINT handlers only as it starts running: ready said in
+    L{startService} let a C{systemctl stop} right after the start meet SIGTERM's default
+    action, which ends the process without stopping its services.  So ready is said
+    once the reactor runs.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, reactor: Any, what: str) -> None:
+        self.reactor = reactor
         self.what = what
 
     def startService(self) -> None:
         super().startService()
-        notify(f"READY=1\nSTATUS={self.what} started")
+        self.reactor.callWhenRunning(notify, f"READY=1\nSTATUS={self.what} started")
 
     def stopService(self) -> Any:
         notify(f"STOPPING=1\nSTATUS={self.what} stopping")

@@ -49,5 +49,5 @@ def makeService(options: Options) -> service.IService:
     # before the sensor's services: its listeners bind before the reactor runs (ReloadOnHangup)
     ReloadOnHangup(reactor, sensor.reload, "sensor").setServiceParent(top)
     sensor.setServiceParent(top)
-    ReadyNotifier("sensor").setServiceParent(top)  # last
+    ReadyNotifier(reactor, "sensor").setServiceParent(top)  # last
     return top
