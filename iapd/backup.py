@@ -25,7 +25,7 @@ from typing import Any
 
 import attr
 
-from .bodylog import BodyDamaged, BodyLogError, BodyReader, log_path
+from .bodylog import BodyDamaged, BodyLogError, BodyReader, last_body_end, log_path, sync_directory
 from .digests import why
 from .store import StoreError, open_reader
 
@@ -110,12 +110,8 @@ def _copy_database(store: Path, target: Path, made: list[Path]) -> tuple[int, in
             copy.execute("PRAGMA journal_mode=DELETE")
             columns = {row[1] for row in copy.execute("PRAGMA table_info(alerts)")}
             alerts, last_id = copy.execute("SELECT count(*), max(id) FROM alerts").fetchone()
-            needed = 0
-            if "body_at" in columns:
-                # bodies are appended in id order: the last row with a place in the log ends last
-                row = copy.execute("SELECT body_at + body_size FROM alerts WHERE body_at IS NOT NULL"
-                                   " ORDER BY id DESC LIMIT 1").fetchone()
-                needed = row[0] if row else 0
+            last = last_body_end(copy) if "body_at" in columns else None
+            needed = last[1] if last is not None else 0
         finally:
             copy.close()
         _sync_file(target)
@@ -241,10 +237,6 @@ def _sync_file(path: Path) -> None:
 def _sync_directory(path: Path) -> None:
     """The new names must survive a power loss as surely as the files' contents."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(path)
     except OSError as e:
         raise StoreError(f"cannot flush the directory {path}: {e.strerror or e}") from None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
 from typing import Sequence
 
@@ -42,6 +43,28 @@ def log_path(store: Path) -> Path:
     return real.with_name(real.name + "-bodies")
 
 
+def sync_directory(path: Path) -> None:
+    """Flush a directory's entries, so that a name made in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def last_body_end(db: sqlite3.Connection) -> tuple[int, int] | None:
+    """
+    The last alert whose body is in the log, and where that body ends: how long the
+    log must be for the database's rows.  Bodies are appended in id order, so the last
+    such row ends last (only a store migrated from an earlier version with no new rows
+    yet makes this a scan of the table).
+    """
+    row = db.execute(
+        "SELECT id, body_at + body_size FROM alerts WHERE body_at IS NOT NULL ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return (row[0], row[1]) if row is not None else None
+
+
 class BodyLog:
     """The writing end, owned by the store's thread."""
 
@@ -54,11 +77,7 @@ class BodyLog:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
             # the file's name must survive a power loss as surely as what is in it: on
             # every open, for a run killed between creating the file and this
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            sync_directory(self.path.parent)
         except OSError as e:
             self.close()
             raise BodyLogError(f"cannot open the body log {self.path}: {e.strerror or e}") from None

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .bodylog import BodyDamaged, BodyLog, BodyLogError, BodyReader, log_path
+from .bodylog import BodyDamaged, BodyLog, BodyLogError, BodyReader, last_body_end, log_path
 from .checkpoint import WalCheckpointer
 from .digests import DigestIndex, DigestIndexError, digest_key, why
 
@@ -314,10 +314,7 @@ class SQLiteBackend:
         commit).  New bodies would be appended where old rows point, and putting the
         right log back later would then cost the alerts stored meanwhile.
         """
-        # bodies are appended in id order: the last row with a place in the log ends last
-        last = db.execute(
-            "SELECT id, body_at + body_size FROM alerts WHERE body_at IS NOT NULL ORDER BY id DESC LIMIT 1"
-        ).fetchone()
+        last = last_body_end(db)
         size = self.bodies.size()
         if last is not None and last[1] > size:
             raise BodyLogError(
