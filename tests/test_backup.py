@@ -154,3 +154,48 @@ def test_a_destination_that_cannot_be_used_is_an_error_not_a_traceback(writer: S
     with pytest.raises(StoreError, match=expected):
         backup.backup_store(tmp_path / "alerts.db", dest)
     assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.fixture
+def manager_yaml(writer: SQLiteBackend, tmp_path: Path) -> Path:
+    """A manager configuration whose store is the writer's."""
+    from .certs import make_test_pki
+
+    pki = make_test_pki(tmp_path / "pki")
+    config = tmp_path / "manager.yaml"
+    config.write_text(
+        'identity: manager.test\nlisten: ["tcp:5603:interface=127.0.0.1"]\n'
+        f"tls: {{certificate: {pki.manager[0]}, key: {pki.manager[1]}, ca: {pki.ca}}}\n"
+        'store: "sqlite:///alerts.db"\n'
+    )
+    return config
+
+
+def interrupt(*args: Any) -> Any:
+    raise KeyboardInterrupt  # what Python raises in the main thread on Ctrl-C
+
+
+def test_ctrl_c_during_the_copy_leaves_nothing(writer: SQLiteBackend, manager_yaml: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from iapd.ctl import main
+
+    writer.commit(batch("a", 5), {})
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(backup, "_copy_log", interrupt)  # after the database copy was made
+    assert main(["-c", str(manager_yaml), "backup", str(out / "copy.db")]) == 130
+    assert capsys.readouterr().err == "iapctl: interrupted: no backup written\n"
+    assert list(out.iterdir()) == []
+
+
+def test_ctrl_c_during_the_check_keeps_the_backup(writer: SQLiteBackend, manager_yaml: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from iapd.ctl import main
+
+    writer.commit(batch("a", 5), {})
+    monkeypatch.setattr(backup, "_verify", interrupt)
+    assert main(["-c", str(manager_yaml), "backup", "--verify", str(tmp_path / "copy.db")]) == 2
+    copy = tmp_path / "copy.db"
+    assert capsys.readouterr().err == (f"iapctl: error: the backup is written ({copy} and {copy}-bodies);"
+                                       " its check was interrupted\n")
+    assert [x["body"] for x in read_alerts(copy, with_body=True)] == bodies(batch("a", 5))
