@@ -8,8 +8,8 @@ It measures this interpreter's stack, then, where Debian's /usr/bin/python3 can 
 iapd, the same again on Debian's stack, which the .deb runs on (OpenSSL 3.0 on Debian
 12, not the OpenSSL bundled in cryptography's wheel).
 
-C{bench/run.py} measures the whole manager (about 50 KiB per idle sensor on pip's stack,
-35 on Debian's, against a goal of 20).  This takes the connection objects apart, in one
+C{bench/run.py} measures the whole manager (about 48 KiB per idle sensor on pip's stack,
+32 on Debian's, against a goal of 20).  This takes the connection objects apart, in one
 process, with in-memory TLS between a manager context and a sensor context made as iapd
 makes them (iapd/tls.py, the benchmark's own test PKI).  For each variant it keeps N manager-side connections
 and prints the C heap they hold each (glibc C{mallinfo2} after C{malloc_trim}; Python's
@@ -20,6 +20,8 @@ own objects are not in it), compared with the first row, the floor:
   after the handshake       a mutual-auth TLS 1.3 handshake and one alert each way
   ... P-256 only            the same, the manager offering no post-quantum hybrid group
   ... no client cert        the same, the manager asking for no client certificate
+  ... Ed25519 sensor        the same, the sensor's certificate made for an Ed25519 key
+                            (iapctl's keys are P-256)
 
 Nothing is asserted about the sizes; the run fails if a handshake does not complete or
 the manager did not get the sensor's certificate where it asked for one.
@@ -84,6 +86,25 @@ def pump(client: Any, server: Any) -> None:
     raise common.BenchError("the in-memory handshake did not settle in 64 rounds")
 
 
+def ed25519_sensor(pki_dir: Path) -> tuple[bytes, Any]:
+    """
+    A key and certificate for the benchmark's sensor as iapctl makes them (same name,
+    roles and extensions, signed by the same CA), but for an Ed25519 key: what the
+    client certificate's share is worth with the smallest key OpenSSL keeps.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from iapd import pki
+    from iapd.roles import SENSOR_USAGES
+
+    ca_key, ca_cert = pki.load_ca(pki_dir)
+    key, certificate = pki.make_certificate(ca_key, ca_cert, common.SENSOR, SENSOR_USAGES,
+                                            key=ed25519.Ed25519PrivateKey.generate())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return pem, certificate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=500)
@@ -101,12 +122,17 @@ def main() -> None:
     pki = common.make_pki(Path(tempfile.mkdtemp(prefix="iapd-tlsmem-")))
     manager = tls.load_material(pki / f"{common.MANAGER}.crt", pki / f"{common.MANAGER}.key", pki / "ca.crt")
     sensor = tls.load_material(pki / f"{common.SENSOR}.crt", pki / f"{common.SENSOR}.key", pki / "ca.crt")
-    sensor_context = tssl.CertificateOptions(
-        privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, sensor.key_pem),
-        certificate=tls.to_pyopenssl(sensor.certificate),
-        trustRoot=tls.trust_root(sensor),
-        **tls.tls_profile(),
-    ).getContext()
+
+    def sensor_context_for(key_pem: bytes, certificate: Any) -> Any:
+        return tssl.CertificateOptions(
+            privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
+            certificate=tls.to_pyopenssl(certificate),
+            trustRoot=tls.trust_root(sensor),
+            **tls.tls_profile(),
+        ).getContext()
+
+    sensor_context = sensor_context_for(sensor.key_pem, sensor.certificate)
+    ed25519_context = sensor_context_for(*ed25519_sensor(pki))
 
     def manager_context(variant: str) -> Any:
         context = tls.server_options(manager).getContext()
@@ -121,11 +147,12 @@ def main() -> None:
 
     def connected(variant: str) -> Callable[[], Any]:
         context = manager_context(variant)
+        client_context = ed25519_context if variant == "Ed25519 sensor" else sensor_context
 
         def one() -> Any:
             server = SSL.Connection(context, None)
             server.set_accept_state()
-            client = SSL.Connection(sensor_context, None)
+            client = SSL.Connection(client_context, None)
             client.set_connect_state()
             pump(client, server)
             client.send(b"x" * 1024)
@@ -153,6 +180,7 @@ def main() -> None:
         ("after the handshake", connected("default")),
         ("... P-256 only", connected("p256")),
         ("... no client cert", connected("no client cert")),
+        ("... Ed25519 sensor", connected("Ed25519 sensor")),
     ]
     print(f"C heap per manager-side connection, {count} connections each"
           f" ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()})")

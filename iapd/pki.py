@@ -198,7 +198,8 @@ def make_certificate(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     is_ca: bool = False,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key: PrivateKey | None = None,
+) -> tuple[PrivateKey, x509.Certificate]:
     """
     A new key and a certificate for C{name} signed by C{ca_key}, in memory.
 
@@ -210,6 +211,7 @@ def make_certificate(
 
     @param not_before: defaults to now minus L{BACKDATE}.
     @param not_after: defaults to L{DEFAULT_LEAF_DAYS} days from now.
+    @param key: the certificate's key; by default a new P-256 key.
     """
     now = _now()
     not_before = not_before if not_before is not None else now - BACKDATE
@@ -217,7 +219,8 @@ def make_certificate(
     subject = _subject(name)
     if len(subject) == 0 and not san:
         raise PKIError(f"name {name!r} is too long for a subject CN and needs a SAN")
-    key = _new_key()
+    if key is None:
+        key = _new_key()
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
@@ -51,6 +51,7 @@ class TestPKI:
     sensor_kelvin: Pair  # CN "\u212aiosk.test" (Kelvin sign), no SAN: lower() would give kiosk.test
     sensor_ca: Pair  # caleaf.test, sensor role, but a CA certificate (could mint sensors)
     sensor_bad_eku: Pair  # badeku.test, an EKU extension whose DER is cut short
+    sensor_ed25519: Pair  # ed25519.test, good CA and role, an Ed25519 key (iapctl's are P-256)
     manager_no_consumer: Pair  # manager.test, serverAuth only
     manager_as_sensor: Pair  # manager.test, clientAuth + GENERATOR
     manager_other_ca: Pair  # manager.test, signed by other_ca
@@ -123,6 +124,7 @@ def make_test_pki(directory: Path) -> TestPKI:
         sensor_kelvin=good("sensor_kelvin", "\u212aiosk.test", SENSOR_USAGES, san=False),
         sensor_ca=good("sensor_ca", "caleaf.test", SENSOR_USAGES, is_ca=True),
         sensor_bad_eku=_malformed_eku(directory, ca_key, ca_cert),
+        sensor_ed25519=good("sensor_ed25519", "ed25519.test", SENSOR_USAGES, key=ed25519.Ed25519PrivateKey.generate()),
         manager_no_consumer=good(
             "manager_no_consumer", "manager.test", [ExtendedKeyUsageOID.SERVER_AUTH]
         ),

@@ -479,6 +479,14 @@ class ClientCertificateTests(ManagerCase):
         [alert] = self.stored()
         self.assertEqual(alert["sensor"], "sensor-cn.test")
 
+    @inlineCallbacks
+    def test_ed25519_sensor_certificate(self) -> Any:
+        """A sensor's key need not be P-256 (an Ed25519 connection keeps 2 KiB less)."""
+        peer = yield self.ready_peer(cert="sensor_ed25519")
+        yield self.send_alert(peer, b"from an Ed25519 sensor")
+        [alert] = self.stored()
+        self.assertEqual(alert["sensor"], "ed25519.test")
+
 
 class AllowSensorsTests(ManagerCase):
     settings_overrides = {"allow_sensors": ("sensor2.*",)}

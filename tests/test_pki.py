@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
@@ -305,7 +305,7 @@ class TestTestPKI:
         c = {name: load_cert(getattr(shared_pki, name)[0]) for name in (
             "manager", "sensor", "sensor2", "sensor_cn_only", "sensor_no_role",
             "sensor_noncritical", "sensor_expired", "sensor_other_ca", "manager_no_consumer",
-            "manager_as_sensor", "manager_other_ca", "manager_wrong_name")}
+            "manager_as_sensor", "manager_other_ca", "manager_wrong_name", "sensor_ed25519")}
         for name, cert in c.items():
             assert_signed_by(cert, other if name.endswith("_other_ca") else ca)
             key_path = getattr(shared_pki, name)[1]
@@ -327,6 +327,8 @@ class TestTestPKI:
         assert identity_of(c["manager_other_ca"]) == "manager.test"
         assert has_role(c["manager_wrong_name"], IAP_ALERT_CONSUMER)
         assert identity_of(c["manager_wrong_name"]) == "other-manager.test"
+        assert isinstance(c["sensor_ed25519"].public_key(), ed25519.Ed25519PublicKey)
+        assert has_role(c["sensor_ed25519"], IAP_ALERT_GENERATOR)
 
 
 class TestCLI:
