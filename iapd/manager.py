@@ -19,7 +19,6 @@ connection is dropped without answering.  The whole setup has one deadline.
 
 from __future__ import annotations
 
-import collections
 import copy
 import fnmatch
 import ipaddress
@@ -27,7 +26,7 @@ import itertools
 from typing import Any, Callable
 
 import attr
-from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITLSTransport
 from twisted.internet.protocol import ServerFactory
 from zope.interface import implementer
 
@@ -121,6 +120,11 @@ class ManagerProtocol(SetupReceiver):
     """One sensor connection, from CONNECT to close."""
 
     factory: "ManagerFactory"
+    __slots__ = (
+        "conn_id", "peer_host", "peer", "log", "state", "sensor", "via", "version", "stored", "duplicates",
+        "rejected", "_handshake_buffer", "_reader", "_pending", "_in_flight_bytes", "_in_flight", "_paused",
+        "_close_reason", "_urgent_fd", "_store_failing", "_unread", "_gathering", "_deadline",
+    )
 
     def _log_context(self) -> dict[str, Any]:
         return {"conn": self.conn_id, "peer": self.peer, "sensor": self.sensor}
@@ -138,7 +142,7 @@ class ManagerProtocol(SetupReceiver):
         self.stored = self.duplicates = self.rejected = 0
         self._handshake_buffer = b""
         self._reader: ContentReader | None = None
-        self._pending: collections.deque[_Pending] = collections.deque()
+        self._pending: list[_Pending] = []
         self._in_flight_bytes = 0
         self._in_flight = 0
         self._paused = False
@@ -147,7 +151,7 @@ class ManagerProtocol(SetupReceiver):
         self._store_failing = False
         self._unread: list[bytes] = []
         self._gathering = False
-        self._deadline = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
+        self._deadline: IDelayedCall | None = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
         try:
             self.transport.setTcpNoDelay(True)
         except (AttributeError, OSError):
@@ -316,7 +320,7 @@ class ManagerProtocol(SetupReceiver):
             )
             self._close(f"sensor answered {message.code} to our verify")
             return
-        self._deadline.cancel()
+        self._stop_deadline()
         self.state = State.DATA
         settings = self.factory.settings
         self._reader = ContentReader(settings.max_content_length, settings.content_types)
@@ -450,17 +454,24 @@ class ManagerProtocol(SetupReceiver):
 
     def _flush(self) -> None:
         """Write every response whose turn has come; responses keep alert order."""
+        pending = self._pending
         out = []
-        while self._pending and self._pending[0].response is not None:
-            slot = self._pending.popleft()
+        for slot in pending:
+            if slot.response is None:
+                break
             out.append(slot.response)
             if slot.fatal:
                 if self.state != State.CLOSED:
                     self.transport.write(b"".join(out))
                     self._close(slot.reason)
-                self._pending.clear()
+                pending.clear()
                 return
-        if out and self.state != State.CLOSED:
+        if not out:
+            return
+        # one cut per flush: a list emptied this way gives its memory back, where a
+        # deque keeps a 64-place block for every idle connection
+        del pending[:len(out)]
+        if self.state != State.CLOSED:
             self.transport.write(b"".join(out))
 
     @property
@@ -499,6 +510,13 @@ class ManagerProtocol(SetupReceiver):
         self._close_reason = reason
         self.transport.loseConnection()
 
+    def _stop_deadline(self) -> None:
+        # dropped, not only cancelled: a cancelled call would keep its arguments for as
+        # long as the connection lasts
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
     def _setup_expired(self) -> None:
         if self.state in (State.DATA, State.CLOSED):
             return
@@ -525,8 +543,7 @@ class ManagerProtocol(SetupReceiver):
     def connectionLost(self, reason: Any = None) -> None:
         if self._unread:  # defensive: Twisted ends connections after a read, not in one
             self._read_unread()
-        if self._deadline.active():
-            self._deadline.cancel()
+        self._stop_deadline()
         self.factory.urgent.unwatch(self._urgent_fd)
         self.factory.connections.discard(self)
         unanswered = sum(slot.count for slot in self._pending if slot.response is None)
