@@ -647,6 +647,7 @@ class GroupCommitStore:
         group = _Group(len(records))
         queued = self._queued
         queue = None  # a connection's records share their sensor: its queue, found once
+        sensor = ""
         for i, record in enumerate(records):
             if self._closing is not None:
                 group.settle(i, StoreError("the store is shutting down"))
