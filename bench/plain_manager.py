@@ -32,7 +32,7 @@ def main() -> None:
             super()._on_connect(message)
             if self.state != State.UPGRADE:
                 return
-            self._deadline.cancel()
+            self._stop_deadline()
             self.sensor = common.SENSOR
             self.state = State.DATA
             settings = self.factory.settings

@@ -121,9 +121,9 @@ class ManagerProtocol(SetupReceiver):
 
     factory: "ManagerFactory"
     __slots__ = (
-        "conn_id", "peer_host", "peer", "log", "state", "sensor", "via", "version", "stored", "duplicates",
-        "rejected", "_handshake_buffer", "_reader", "_pending", "_in_flight_bytes", "_in_flight", "_paused",
-        "_close_reason", "_urgent_fd", "_store_failing", "_unread", "_gathering", "_deadline",
+        "_close_reason", "_deadline", "_gathering", "_handshake_buffer", "_in_flight", "_in_flight_bytes",
+        "_paused", "_pending", "_reader", "_store_failing", "_unread", "_urgent_fd", "conn_id", "duplicates", "log",
+        "peer", "peer_host", "rejected", "sensor", "state", "stored", "version", "via",
     )
 
     def _log_context(self) -> dict[str, Any]:
@@ -461,10 +461,10 @@ class ManagerProtocol(SetupReceiver):
                 break
             out.append(slot.response)
             if slot.fatal:
+                pending.clear()  # before the write and the close, which could flush again
                 if self.state != State.CLOSED:
                     self.transport.write(b"".join(out))
                     self._close(slot.reason)
-                pending.clear()
                 return
         if not out:
             return
@@ -511,8 +511,8 @@ class ManagerProtocol(SetupReceiver):
         self.transport.loseConnection()
 
     def _stop_deadline(self) -> None:
-        # dropped, not only cancelled: a cancelled call would keep its arguments for as
-        # long as the connection lasts
+        # dropped, not only cancelled: the cancelled call object would stay for as long
+        # as the connection lasts
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
