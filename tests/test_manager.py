@@ -461,31 +461,29 @@ class ClientCertificateTests(ManagerCase):
         self.assertEqual([s["sensor"] for s in read_sensors(self.db_path)], ["sensor1.test"])
 
     @inlineCallbacks
+    def assert_stored_as(self, cert: str, identity: str) -> Any:
+        """An alert from the sensor with C{cert} is stored once, under C{identity}."""
+        peer = yield self.ready_peer(cert=cert)
+        body = f"from the sensor with {cert}".encode()
+        yield self.send_alert(peer, body)
+        [alert] = self.stored()
+        self.assertEqual(alert["sensor"], identity)
+        self.assertEqual(alert["body"], body)
+
     def test_sensor_role_certificate_named_like_the_manager(self) -> Any:
         """
         A certificate with clientAuth + IAP_ALERT_GENERATOR from the trusted CA is a
         sensor certificate whatever its name (DESIGN.md 3, 4): accepted, identity
         manager.test.
         """
-        peer = yield self.ready_peer(cert="manager_as_sensor")
-        yield self.send_alert(peer, b"from a sensor named manager.test")
-        [alert] = self.stored()
-        self.assertEqual(alert["sensor"], "manager.test")
+        return self.assert_stored_as("manager_as_sensor", "manager.test")
 
-    @inlineCallbacks
     def test_identity_from_cn_without_san(self) -> Any:
-        peer = yield self.ready_peer(cert="sensor_cn_only")
-        yield self.send_alert(peer, b"from the CN-only sensor")
-        [alert] = self.stored()
-        self.assertEqual(alert["sensor"], "sensor-cn.test")
+        return self.assert_stored_as("sensor_cn_only", "sensor-cn.test")
 
-    @inlineCallbacks
     def test_ed25519_sensor_certificate(self) -> Any:
         """A sensor's key need not be P-256 (an Ed25519 connection keeps 2 KiB less)."""
-        peer = yield self.ready_peer(cert="sensor_ed25519")
-        yield self.send_alert(peer, b"from an Ed25519 sensor")
-        [alert] = self.stored()
-        self.assertEqual(alert["sensor"], "ed25519.test")
+        return self.assert_stored_as("sensor_ed25519", "ed25519.test")
 
 
 class AllowSensorsTests(ManagerCase):
