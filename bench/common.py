@@ -257,12 +257,13 @@ def prefill_store(db: Path, count: int) -> None:
 class Manager(Process):
     """
     C{twistd iap-manager} on a fresh SQLite store in C{workdir} (or one holding C{prefill}
-    alerts), under C{python} (L{twistd}); or on the C{store} URL, for a subclass that
-    knows how to read it (bench/pg.py).
+    alerts), under C{python} (L{twistd}) or started by C{command} (bench/py_memory.py's
+    twistd under tracemalloc); or on the C{store} URL, for a subclass that knows how to
+    read it (bench/pg.py).
     """
 
     def __init__(self, workdir: Path, pki_dir: Path, nofile: int = 0, name: str = "manager", prefill: int = 0,
-                 python: str | None = None, store: str | None = None) -> None:
+                 python: str | None = None, store: str | None = None, command: Sequence[str] | None = None) -> None:
         self.port = free_port()
         self.db = workdir / f"{name}.db"
         if prefill:
@@ -275,7 +276,8 @@ class Manager(Process):
             f'store: "{store or f"sqlite:///{self.db}"}"\n'
             "limits: {setup_timeout: 120}\n"
         )
-        super().__init__(name, [*twistd(python), "--nodaemon", "--pidfile=", "--logfile=-", "iap-manager", "-c", str(conf)],
+        super().__init__(name, [*(command or twistd(python)), "--nodaemon", "--pidfile=", "--logfile=-",
+                                "iap-manager", "-c", str(conf)],
                          workdir, nofile=nofile)
         wait_port(self.port, 30, self.proc)
         if prefill:

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from common import BENCH, MANAGER, ROOT, BenchError, env, free_port, wait_port  # noqa: E402
+from common import BENCH, ROOT, BenchError, Manager, env  # noqa: E402
 
 # twistd with tracemalloc on from the start; SIGUSR1 writes a snapshot to the next file
 # name given on the command line (argv[1:] before twistd's own arguments).
@@ -67,12 +67,11 @@ def hold(port: int, pki: Path, connections: int, first: int, tag: str) -> subpro
     return proc
 
 
-def take(manager: subprocess.Popen[bytes], path: Path) -> tracemalloc.Snapshot:
-    manager.send_signal(signal.SIGUSR1)
+def take(manager: Manager, path: Path) -> tracemalloc.Snapshot:
+    manager.proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 60
     while not path.exists():
-        if manager.poll() is not None:
-            raise BenchError(f"the manager exited with {manager.returncode}")
+        manager.alive()
         if time.monotonic() > deadline:
             raise BenchError("the manager wrote no snapshot in 60 s")
         time.sleep(0.2)
@@ -96,36 +95,20 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="iapd-pymem-"))
     pki = common.make_pki(work / "pki")
-    port = free_port()
-    conf = work / "manager.yaml"
-    conf.write_text(
-        f"identity: {MANAGER}\n"
-        f'listen: ["tcp:{port}:interface=127.0.0.1:backlog=4096"]\n'
-        f"tls: {{certificate: {pki}/{MANAGER}.crt, key: {pki}/{MANAGER}.key, ca: {pki}/ca.crt}}\n"
-        f'store: "sqlite:///{work}/manager.db"\n'
-        "limits: {setup_timeout: 120}\n"
-    )
     before, after = work / "before.snapshot", work / "after.snapshot"
-    log = open(work / "manager.log", "wb")
-    manager = subprocess.Popen(
-        [sys.executable, "-c", TRACED_TWISTD, f"{before},{after}", "--nodaemon", "--pidfile=", "--logfile=-",
-         "iap-manager", "-c", str(conf)],
-        cwd=work, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    manager = Manager(work, pki, command=[sys.executable, "-c", TRACED_TWISTD, f"{before},{after}"])
     loads: list[subprocess.Popen[str]] = []
     try:
-        wait_port(port, 60, manager)
-        loads.append(hold(port, pki, 5, 0, "warm"))
+        loads.append(hold(manager.port, pki, 5, 0, "warm"))
         time.sleep(1)
         first = take(manager, before)
-        loads.append(hold(port, pki, count, 10, "idle"))
+        loads.append(hold(manager.port, pki, count, 10, "idle"))
         time.sleep(2)  # the last sensors' setup lines logged, their deadlines gone
         second = take(manager, after)
     finally:
         for proc in loads:
             common.stop(proc, 30)
-        common.stop(manager, 30)
-        log.close()
+        manager.stop()
 
     by_line = second.compare_to(first, "lineno")
     total = sum(s.size_diff for s in by_line)
