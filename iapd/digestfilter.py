@@ -36,7 +36,7 @@ DIGEST = 32
 
 
 class _Generation:
-    __slots__ = ("bits", "mask", "capacity", "count")
+    __slots__ = ("bits", "capacity", "count", "mask")
 
     def __init__(self, capacity: int) -> None:
         size = 1 << max(16, (capacity * BITS_PER_KEY - 1).bit_length())  # a power of two: positions by masking

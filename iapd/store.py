@@ -492,7 +492,7 @@ class SQLiteBackend:
 class _Group:
     """The alerts of one L{GroupCommitStore.add_many} call, settled one by one."""
 
-    __slots__ = ("results", "remaining", "deferred")
+    __slots__ = ("deferred", "remaining", "results")
 
     def __init__(self, count: int) -> None:
         self.results: list[Any] = [None] * count
