@@ -45,6 +45,7 @@ from .tls import (
     server_options,
     session_reused,
 )
+from .tlsbuffers import release
 from .urgent import UrgentDataWatcher
 
 ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -105,7 +106,7 @@ class State:
 class _Pending:
     """The place of one alert, or of several read together, in the in-order response queue."""
 
-    __slots__ = ("response", "fatal", "size", "reason", "count")
+    __slots__ = ("count", "fatal", "reason", "response", "size")
 
     def __init__(self, size: int = 0, count: int = 0) -> None:
         self.response: bytes | None = None
@@ -121,9 +122,9 @@ class ManagerProtocol(SetupReceiver):
 
     factory: "ManagerFactory"
     __slots__ = (
-        "_close_reason", "_deadline", "_gathering", "_handshake_buffer", "_in_flight", "_in_flight_bytes",
-        "_paused", "_pending", "_reader", "_store_failing", "_unread", "_urgent_fd", "conn_id", "duplicates", "log",
-        "peer", "peer_host", "rejected", "sensor", "state", "stored", "version", "via",
+        "_close_reason", "_deadline", "_gathering", "_handshake_buffer", "_heard", "_holding", "_in_flight",
+        "_in_flight_bytes", "_paused", "_pending", "_reader", "_store_failing", "_unread", "_urgent_fd", "conn_id",
+        "duplicates", "log", "peer", "peer_host", "rejected", "sensor", "state", "stored", "version", "via",
     )
 
     def _log_context(self) -> dict[str, Any]:
@@ -151,6 +152,7 @@ class ManagerProtocol(SetupReceiver):
         self._store_failing = False
         self._unread: list[bytes] = []
         self._gathering = False
+        self._heard = self._holding = False  # see release_idle_buffers
         self._deadline: IDelayedCall | None = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
         try:
             self.transport.setTcpNoDelay(True)
@@ -189,7 +191,8 @@ class ManagerProtocol(SetupReceiver):
             self._fail(WireError(505, f"{message.version} is not supported; this manager speaks {m.PROTOCOL}"))
             return
         if not self.factory.settings.is_me(message.host):
-            self._fail(WireError(403, f"CONNECT names {message.host!r}, this manager is {self.factory.settings.identity!r}"))
+            me = self.factory.settings.identity
+            self._fail(WireError(403, f"CONNECT names {message.host!r}, this manager is {me!r}"))
             return
         self.version, self.via = message.version, message.via
         self.state = State.UPGRADE
@@ -246,6 +249,7 @@ class ManagerProtocol(SetupReceiver):
         decrypt = tls.dataReceived
 
         def dataReceived(data: bytes) -> None:
+            self._heard = True
             self._gathering = True
             try:
                 decrypt(data)
@@ -305,7 +309,8 @@ class ManagerProtocol(SetupReceiver):
         assert isinstance(message, m.VersionVerify)
         if message.version != self.version or f"IAP/{message.iap_version}" != self.version:
             # the plaintext CONNECT may have been downgraded; this check is inside TLS
-            self._fail(WireError(505, f"verify says {message.version} IAP-Version {message.iap_version}, CONNECT said {self.version}"))
+            said = f"{message.version} IAP-Version {message.iap_version}"
+            self._fail(WireError(505, f"verify says {said}, CONNECT said {self.version}"))
             return
         self.state = State.VERIFY_ACK
         self.transport.write(m.ok(self.version) + m.VersionVerify(self.version, self.version[4:]).to_bytes())
@@ -489,6 +494,20 @@ class ManagerProtocol(SetupReceiver):
         elif self._paused and self._in_flight < MAX_IN_FLIGHT // 2 and self._in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2:
             self._paused = False
             self.transport.resumeProducing()
+
+    def release_idle_buffers(self) -> bool:
+        """
+        Called by L{IdleBufferRelease} every few seconds: a connection in the data phase
+        that has had no read for a whole interval gives back what its TLS buffers grew
+        to (L{iapd.tlsbuffers}), once, until it is heard again.  Returns whether it did.
+        """
+        if self._heard:
+            self._heard, self._holding = False, True
+            return False
+        if not self._holding or self.state != State.DATA or self.transport.disconnecting:
+            return False
+        self._holding = False
+        return release(self.transport.getHandle())
 
     # -- endings ---------------------------------------------------------------------
 

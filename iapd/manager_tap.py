@@ -30,6 +30,7 @@ from .reload import ReloadOnHangup, load_again, warn_restart_keys, web_reloaded
 from .sdnotify import ReadyNotifier
 from .services import QuieterCollector, add_listeners, configuration_error, stop_failed
 from .store import GroupCommitStore, SQLiteStore, read_alerts
+from .tlsbuffers import IdleBufferRelease
 from .web.site import manager_site
 
 log = Logger(namespace="iapd.manager")
@@ -241,6 +242,8 @@ def makeService(options: Options) -> service.IService:
     # before the listeners: they bind before the reactor runs (ReloadOnHangup)
     reload = ManagerReload(factory, config, metrics, site.tls if site is not None else None)
     ReloadOnHangup(reactor, reload, "manager").setServiceParent(top)
+    # gives quiet sensors' TLS buffers back (iapd.tlsbuffers)
+    IdleBufferRelease(factory.connections, reactor).setServiceParent(top)
     add_listeners(top, reactor, config.listen, factory)
     for text in config.dial:
         # draft 6.1: the manager opens the TCP connection, the sensor still speaks first

@@ -1,0 +1,214 @@
+"""
+Giving back the memory a quiet TLS connection's buffers hold.
+
+Twisted's TLS runs OpenSSL over two memory BIOs per connection: what the socket
+brings is written into one, what OpenSSL has encrypted is read out of the other.  A
+memory BIO's buffer only ever grows: it keeps the size of the most it has held.  A
+socket read of 64 KiB is written into it whole, so a sensor that once sent a burst keeps
+about 85 KiB of C heap on the manager for as long as it stays connected (128 KiB per
+connection in all, against 43 KiB for one that never did), and the handshake's flights
+leave 3.5-5 KiB behind on every connection (C{bench/tls_memory.py}).  OpenSSL's
+C{SSL_MODE_RELEASE_BUFFERS}, which Twisted sets, frees OpenSSL's own record buffers,
+not the BIOs'.  So a manager's memory grew with the number of sensors that had ever
+been busy, not with the number busy now.
+
+Nothing in pyOpenSSL's API shrinks a BIO, so a quiet connection gets two new, empty
+ones: C{SSL_set_bio} hands them to OpenSSL and frees the old ones, after any bytes
+still in the old ones have been moved across (a partial record read ahead, ciphertext
+not yet written).  That reaches into the pyOpenSSL C{Connection}'s private attributes
+(C{_ssl}, C{_into_ssl}, C{_from_ssl}), so it is done only with the pyOpenSSL releases
+it was tested with, whose C{Connection} leaves its BIOs to C{SSL_free}: with any other
+L{release} does nothing, and L{IdleBufferRelease} says so once when it starts.  A
+later pyOpenSSL that freed the BIOs itself would otherwise free them twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
+
+import OpenSSL
+from twisted.application import service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+TESTED_MAJORS = range(23, 27)
+"""pyOpenSSL releases (major versions) whose C{Connection} this module was checked against."""
+
+INTERVAL = 5.0
+"""Seconds between sweeps: a connection is given back its buffers after one whole
+interval without a read, so 5 to 10 seconds after its last one."""
+
+_CHUNK = 65536
+
+
+def unsupported_reason(version: str = OpenSSL.__version__) -> str | None:
+    """Why L{release} cannot be used with pyOpenSSL C{version}, or None if it can."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return f"pyOpenSSL {version!r} has no version number this understands"
+    if major not in TESTED_MAJORS:
+        return (f"pyOpenSSL {version} is not one of the releases iapd was tested with"
+                f" ({TESTED_MAJORS.start}.x to {TESTED_MAJORS.stop - 1}.x)")
+    from OpenSSL import SSL
+    from OpenSSL._util import lib
+
+    if not all(hasattr(lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "SSL_set_bio")):
+        return "the OpenSSL bindings lack a function it needs"
+    probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    if not all(getattr(probe, name, None) is not None for name in ("_ssl", "_into_ssl", "_from_ssl")):
+        return "pyOpenSSL's Connection keeps its memory BIOs differently"
+    return None
+
+
+_UNSUPPORTED = unsupported_reason()
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's C{malloc_trim}, or None on a C library without it."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def _drain(bio: Any) -> bytes:
+    from OpenSSL._util import ffi, lib
+
+    buf = ffi.new("char[]", _CHUNK)
+    parts = []
+    while True:
+        n = lib.BIO_read(bio, buf, _CHUNK)
+        if n <= 0:
+            return b"".join(parts)
+        parts.append(ffi.buffer(buf, n)[:])
+
+
+def _fresh(pending: bytes) -> Any:
+    """A new memory BIO holding C{pending}."""
+    from OpenSSL._util import ffi, lib
+
+    bio = lib.BIO_new(lib.BIO_s_mem())
+    if bio == ffi.NULL:
+        raise MemoryError("BIO_new failed")
+    if pending and lib.BIO_write(bio, pending, len(pending)) != len(pending):
+        lib.BIO_free(bio)
+        raise MemoryError("BIO_write failed")
+    return bio
+
+
+def release(connection: Any) -> bool:
+    """
+    Give C{connection}'s two memory BIOs back and go on with two new ones.
+
+    C{connection} is a pyOpenSSL C{Connection} over memory BIOs (as Twisted's TLS
+    makes them).  Must not be called while OpenSSL is working on it, which in a reactor
+    means anywhere but inside one of its own calls.  Returns whether it was done: not
+    with an untested pyOpenSSL, nor on a connection over a socket.  Nothing is lost
+    either way: the bytes the old BIOs held are in the new ones, in the same order.
+    """
+    if _UNSUPPORTED is not None or getattr(connection, "_socket", True) is not None:
+        return False
+    old_in, old_out = connection._into_ssl, connection._from_ssl
+    if old_in is None or old_out is None:
+        return False
+    from OpenSSL._util import lib
+
+    pending_in, pending_out = _drain(old_in), _drain(old_out)
+    try:
+        into = _fresh(pending_in)
+        try:
+            out = _fresh(pending_out)
+        except MemoryError:
+            lib.BIO_free(into)
+            raise
+    except MemoryError:
+        # out of memory: the connection goes on with its old BIOs, holding what they held
+        for bio, pending in ((old_in, pending_in), (old_out, pending_out)):
+            if pending:
+                lib.BIO_write(bio, pending, len(pending))
+        raise
+    lib.SSL_set_bio(connection._ssl, into, out)  # frees the old pair
+    connection._into_ssl, connection._from_ssl = into, out
+    return True
+
+
+class ReleasesBuffers(Protocol):
+    """What L{IdleBufferRelease} asks of a connection."""
+
+    def release_idle_buffers(self) -> bool: ...
+
+
+class IdleBufferRelease(service.Service):
+    """
+    Every L{INTERVAL} seconds, asks each connection to give back its TLS buffers if it
+    has been quiet since the last sweep.
+
+    One timer for all connections rather than one each: a timer is memory too, and
+    the point is to keep less per connection.
+    """
+
+    name = "tls-buffers"
+    log = Logger()
+
+    def __init__(self, connections: Collection[ReleasesBuffers], reactor: Any, interval: float = INTERVAL) -> None:
+        self.connections = connections
+        self.reactor = reactor
+        self.interval = interval
+        self.released = 0
+        """Connections given back their buffers since the start (for tests and curiosity)."""
+        self._loop: LoopingCall | None = None
+        self._trimming = False
+
+    def startService(self) -> None:
+        super().startService()
+        if _UNSUPPORTED is not None:
+            self.log.info("TLS buffers of quiet connections are kept: {why}", why=_UNSUPPORTED)
+            return
+        self._loop = LoopingCall(self.sweep)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        return super().stopService()
+
+    def sweep(self) -> int:
+        """
+        One pass over the connections; returns how many gave their buffers back.
+
+        Then, if any did, glibc is asked to return free memory to the system: C{free}
+        gives back only what is at the top of the heap, and a connection's buffers lie
+        among objects that stay, so without it the pages would stay resident (and
+        counted against the unit) until reused.  That walk takes about 1 ms per
+        thousand connections, and 8 ms per thousand 64 KiB buffers it returns: it runs
+        on a thread, one at a time, not in the reactor's turn.
+        """
+        released = 0
+        for connection in list(self.connections):
+            try:
+                if connection.release_idle_buffers():
+                    released += 1
+            except MemoryError as e:
+                self.log.warn("could not give back a connection's TLS buffers: {error}", error=str(e))
+                break
+        self.released += released
+        if released and _malloc_trim is not None and not self._trimming:
+            self._trimming = True
+            self.reactor.callInThread(self._trim)
+        return released
+
+    def _trim(self) -> None:
+        try:
+            _malloc_trim(0)
+        finally:
+            self._trimming = False

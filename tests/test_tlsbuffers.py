@@ -1,0 +1,403 @@
+"""
+Quiet connections give their TLS buffers back (iapd/tlsbuffers.py), and lose nothing.
+
+The first tests take two real pyOpenSSL connections over memory BIOs (the manager's
+context and a sensor's, as iapd makes them) and swap the manager side's BIOs at the
+awkward moments: ciphertext waiting on either side, a record half read.  The rest run
+a real manager (TCP on 127.0.0.1, TLS, SQLite): bursts, a sweep, more alerts; a record
+cut in two by the sweep, sent by a peer that does its own TLS (Python's ssl module) so
+the test decides where the cut falls; connections that keep talking or are still in
+setup are left alone.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from OpenSSL import SSL
+from twisted.application import service
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.ssl import CertificateOptions
+
+from iapd import tlsbuffers
+from iapd.tls import load_material, server_options, tls_profile, to_pyopenssl, trust_root
+from iapd.tlsbuffers import IdleBufferRelease, release, unsupported_reason
+
+from .certs import make_test_pki
+from .support import OK, SERVER_VERIFY, UPGRADE, VERIFY, ManagerTestCase, content, setup_bytes
+
+WAIT = 10.0
+
+pytestmark = pytest.mark.skipif(
+    unsupported_reason() is not None, reason=f"buffers are not released here: {unsupported_reason()}"
+)
+
+
+# -- two connections in memory ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def contexts() -> Any:
+    from OpenSSL import crypto
+
+    with tempfile.TemporaryDirectory() as d:
+        pki = make_test_pki(Path(d))
+        manager = load_material(*pki.manager, pki.ca)
+        sensor = load_material(*pki.sensor, pki.ca)
+        sensor_context = CertificateOptions(
+            privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, sensor.key_pem),
+            certificate=to_pyopenssl(sensor.certificate), trustRoot=trust_root(sensor), **tls_profile(),
+        ).getContext()
+        yield server_options(manager).getContext(), sensor_context
+
+
+def move(source: Any, sink: Any) -> bool:
+    try:
+        data = source.bio_read(1 << 20)
+    except SSL.WantReadError:
+        return False
+    sink.bio_write(data)
+    return bool(data)
+
+
+def pump(client: Any, server: Any) -> None:
+    """Records back and forth until neither side has more to say (bounded)."""
+    for _ in range(32):
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except SSL.WantReadError:
+                pass
+        if not (move(client, server) | move(server, client)):
+            return
+    raise AssertionError("the in-memory connection did not settle")
+
+
+def read_all(connection: Any) -> bytes:
+    got = b""
+    for _ in range(1000):
+        try:
+            got += connection.recv(65536)
+        except SSL.WantReadError:
+            return got
+    raise AssertionError("more than 1000 reads")
+
+
+@pytest.fixture
+def pair(contexts: Any) -> tuple[Any, Any]:
+    manager_context, sensor_context = contexts
+    server = SSL.Connection(manager_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(sensor_context, None)
+    client.set_connect_state()
+    pump(client, server)
+    assert server.get_peer_certificate() is not None
+    return client, server
+
+
+def test_after_the_handshake_the_conversation_goes_on(pair: tuple[Any, Any]) -> None:
+    client, server = pair
+    before = (server._into_ssl, server._from_ssl)
+    assert release(server) is True
+    assert (server._into_ssl, server._from_ssl) != before
+    client.send(b"alert" * 1000)
+    pump(client, server)
+    assert read_all(server) == b"alert" * 1000
+    server.send(b"IAP/0.2 200\r\n\r\n")
+    pump(client, server)
+    assert read_all(client) == b"IAP/0.2 200\r\n\r\n"
+
+
+def test_ciphertext_waiting_to_be_read_is_kept(pair: tuple[Any, Any]) -> None:
+    """Three records in the manager's incoming BIO, one read: the other two survive."""
+    client, server = pair
+    for letter in b"ABC":
+        client.send(bytes([letter]) * 10000)
+    server.bio_write(client.bio_read(1 << 20))
+    first = server.recv(10000)
+    assert first == b"A" * 10000
+    assert release(server) is True
+    assert read_all(server) == b"B" * 10000 + b"C" * 10000
+
+
+def test_half_a_record_already_read_is_kept(pair: tuple[Any, Any]) -> None:
+    """OpenSSL holds the first half of a record itself; the second comes after the swap."""
+    client, server = pair
+    client.send(b"D" * 12000)
+    wire = client.bio_read(1 << 20)
+    server.bio_write(wire[: len(wire) // 2])
+    assert read_all(server) == b""
+    assert release(server) is True
+    server.bio_write(wire[len(wire) // 2:])
+    assert read_all(server) == b"D" * 12000
+
+
+def test_ciphertext_waiting_to_be_sent_is_kept(pair: tuple[Any, Any]) -> None:
+    client, server = pair
+    server.send(b"IAP/0.2 200\r\n\r\n" * 300)
+    assert release(server) is True
+    move(server, client)
+    assert read_all(client) == b"IAP/0.2 200\r\n\r\n" * 300
+
+
+def test_released_twice_in_a_row(pair: tuple[Any, Any]) -> None:
+    client, server = pair
+    assert release(server) and release(server)
+    client.send(b"x")
+    pump(client, server)
+    assert read_all(server) == b"x"
+
+
+def test_a_connection_over_a_socket_is_left_alone(contexts: Any) -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        connection = SSL.Connection(contexts[0], a)
+        assert release(connection) is False
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(("version", "why"), [
+    ("26.4.0", None),
+    ("23.0.0", None),
+    ("22.1.0", "pyOpenSSL 22.1.0 is not one of the releases iapd was tested with (23.x to 26.x)"),
+    ("27.0.0", "pyOpenSSL 27.0.0 is not one of the releases iapd was tested with (23.x to 26.x)"),
+    ("main", "pyOpenSSL 'main' has no version number this understands"),
+])
+def test_only_tested_pyopenssl_releases(version: str, why: str | None) -> None:
+    """A later pyOpenSSL might free the BIOs itself: they would be freed twice."""
+    assert unsupported_reason(version) == why
+
+
+class ThreadedClock(Clock):
+    """A clock whose "threads" run at once, and are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_thread = 0
+
+    def callInThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        self.in_thread += 1
+        f(*args, **kw)
+
+
+def test_the_sweep_runs_every_interval_until_stopped() -> None:
+    class Connection:
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def release_idle_buffers(self) -> bool:
+            self.asked += 1
+            return self.asked % 2 == 0
+
+    clock = ThreadedClock()
+    connections = [Connection(), Connection()]
+    sweeper = IdleBufferRelease(connections, clock, interval=5.0)
+    sweeper.startService()
+    clock.advance(4.9)
+    assert [c.asked for c in connections] == [0, 0]
+    clock.advance(0.1)
+    assert [c.asked for c in connections] == [1, 1] and sweeper.released == 0
+    assert clock.in_thread == 0  # nothing given back, nothing to return to the system
+    clock.advance(5.0)
+    assert sweeper.released == 2
+    assert clock.in_thread == 1  # one malloc_trim for the sweep, off the reactor's turn
+    sweeper.stopService()
+    clock.advance(50.0)
+    assert [c.asked for c in connections] == [2, 2] and not clock.getDelayedCalls()
+
+
+def test_the_manager_daemon_sweeps_its_connections(tmp_path: Path) -> None:
+    from iapd import manager_tap
+
+    with tempfile.TemporaryDirectory() as d:
+        make_test_pki(Path(d))
+        config = tmp_path / "manager.yaml"
+        config.write_text(
+            'identity: manager.test\nlisten: ["tcp:0:interface=127.0.0.1"]\n'
+            f"tls: {{certificate: {d}/manager.test.crt, key: {d}/manager.test.key, ca: {d}/ca.crt}}\n"
+            f"store: sqlite:///{tmp_path}/alerts.db\n"
+        )
+        options = manager_tap.Options()
+        options.parseOptions(["-c", str(config)])
+        top = manager_tap.makeService(options)
+    sweeper = top.getServiceNamed("tls-buffers")
+    listeners = [s for s in top if isinstance(s, service.Service) and hasattr(s, "factory")]
+    assert isinstance(sweeper, IdleBufferRelease) and sweeper.interval == tlsbuffers.INTERVAL
+    assert listeners and all(s.factory.connections is sweeper.connections for s in listeners)
+
+
+# -- a real manager --------------------------------------------------------------------
+
+
+class MemoryTLSPeer:
+    """
+    The sensor's TLS done by hand (Python's ssl over memory BIOs) on a plain TCP peer,
+    so that a test can write any part of a record when it likes.
+    """
+
+    def __init__(self, raw: Any, pki: Any) -> None:
+        crt, key = pki.sensor
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        context.load_cert_chain(str(crt), str(key))
+        self.raw, self.incoming, self.outgoing = raw, ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="manager.test")
+        self.plain = b""
+
+    def ciphertext(self) -> bytes:
+        return self.outgoing.read()
+
+    @inlineCallbacks
+    def handshake(self) -> Any:
+        for _ in range(20):
+            try:
+                self.tls.do_handshake()
+                self.raw.transport.write(self.ciphertext())
+                return
+            except ssl.SSLWantReadError:
+                self.raw.transport.write(self.ciphertext())
+            yield self.raw.until_length(1).addTimeout(WAIT, reactor)
+            self.incoming.write(self.raw.take())
+        raise AssertionError("no handshake after 20 flights")
+
+    def write(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.raw.transport.write(self.ciphertext())
+
+    @inlineCallbacks
+    def until(self, wanted: bytes) -> Any:
+        """Decrypt until C{wanted} has come; returns everything decrypted up to it."""
+        for _ in range(200):
+            try:
+                while True:
+                    self.plain += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+            if wanted in self.plain:
+                got, self.plain = self.plain.split(wanted, 1)
+                return got + wanted
+            yield self.raw.until_length(1).addTimeout(WAIT, reactor)
+            self.incoming.write(self.raw.take())
+        raise AssertionError(f"{wanted!r} did not come in 200 reads")
+
+
+class ManagerBufferTests(ManagerTestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        self.sweeper = IdleBufferRelease(self.factory.connections, reactor)
+
+    def only_connection(self) -> Any:
+        (connection,) = self.factory.connections
+        return connection
+
+    def bios(self) -> tuple[Any, Any]:
+        handle = self.only_connection().transport.getHandle()
+        return handle._into_ssl, handle._from_ssl
+
+    @inlineCallbacks
+    def ready_peer(self) -> Any:
+        peer = yield self.tls_peer()
+        peer.transport.write(VERIFY)
+        yield peer.until_length(len(OK + SERVER_VERIFY)).addTimeout(WAIT, reactor)
+        self.assertEqual(peer.take(), OK + SERVER_VERIFY)
+        peer.transport.write(OK)
+        return peer
+
+    @inlineCallbacks
+    def send(self, peer: Any, bodies: list[bytes]) -> Any:
+        peer.transport.write(b"".join(content(body) for body in bodies))
+        yield peer.until_length(len(OK) * len(bodies)).addTimeout(WAIT, reactor)
+        self.assertEqual(peer.take(), OK * len(bodies))
+
+    def bodies(self) -> list[bytes]:
+        return [row["body"] for row in self.stored()]
+
+    @inlineCallbacks
+    def test_a_burst_then_quiet_then_more_alerts(self) -> Any:
+        peer = yield self.ready_peer()
+        burst = [b"%05d" % i + b"x" * 4091 for i in range(64)]
+        yield self.send(peer, burst)
+        before = self.bios()
+        self.assertEqual(self.sweeper.sweep(), 0)  # heard since the last sweep
+        self.assertEqual(self.bios(), before)
+        self.assertEqual(self.sweeper.sweep(), 1)  # quiet for a whole interval
+        self.assertNotEqual(self.bios(), before)
+        self.assertEqual(self.sweeper.sweep(), 0)  # given back already, nothing heard since
+        yield self.send(peer, [b"after the release"])
+        self.assertEqual(self.bodies(), burst + [b"after the release"])
+        self.assertTrue(peer.connected_)
+
+    @inlineCallbacks
+    def test_a_connection_that_keeps_talking_keeps_its_buffers(self) -> Any:
+        peer = yield self.ready_peer()
+        bios = self.bios()
+        for i in range(3):
+            yield self.send(peer, [b"alert %d" % i])
+            self.assertEqual(self.sweeper.sweep(), 0)
+        self.assertEqual(self.bios(), bios)
+        self.assertEqual(self.sweeper.sweep(), 1)
+
+    @inlineCallbacks
+    def test_connections_still_in_setup_are_left_alone(self) -> Any:
+        plain = yield self.raw_peer()
+        plain.transport.write(setup_bytes())
+        yield plain.until_contains(OK).addTimeout(WAIT, reactor)
+        handshaken = yield self.tls_peer()  # TLS done, version verify not yet
+        yield handshaken.handshake.addTimeout(WAIT, reactor)
+        for _ in range(3):
+            self.assertEqual(self.sweeper.sweep(), 0)
+        handshaken.transport.write(VERIFY)
+        yield handshaken.until_length(len(OK + SERVER_VERIFY)).addTimeout(WAIT, reactor)
+        self.assertEqual(handshaken.take(), OK + SERVER_VERIFY)
+        handshaken.transport.write(OK)
+        yield self.send(handshaken, [b"after setup"])
+        self.assertEqual(self.bodies(), [b"after setup"])
+
+    @inlineCallbacks
+    def test_a_record_cut_in_two_by_the_release(self) -> Any:
+        """Half an alert's record arrives, the buffers go back, the other half follows."""
+        raw = yield self.raw_peer()
+        raw.transport.write(setup_bytes())
+        yield raw.until_contains(OK).addTimeout(WAIT, reactor)
+        raw.take()
+        raw.transport.write(UPGRADE)
+        yield raw.until_contains(b"IAP/0.2 101\r\n\r\n").addTimeout(WAIT, reactor)
+        raw.take()
+        peer = MemoryTLSPeer(raw, self.pki)
+        yield peer.handshake()
+        peer.write(VERIFY)
+        self.assertEqual((yield peer.until(SERVER_VERIFY)), OK + SERVER_VERIFY)
+        peer.write(OK)
+        body = b"<alert>" + b"y" * 12000 + b"</alert>"
+        peer.tls.write(content(body))
+        wire = peer.ciphertext()
+        manager_side = self.only_connection()
+        self.sweeper.sweep()
+        self.sweeper.sweep()  # whatever the setup left: given back
+        self.assertFalse(manager_side._heard)
+        raw.transport.write(wire[: len(wire) // 2])
+        for _ in range(500):  # until the manager has read the first half
+            if manager_side._heard:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(manager_side._heard)
+        before = self.bios()
+        self.assertEqual(self.sweeper.sweep(), 0)
+        self.assertEqual(self.sweeper.sweep(), 1)
+        self.assertNotEqual(self.bios(), before)
+        self.assertEqual(self.bodies(), [])
+        raw.transport.write(wire[len(wire) // 2:])
+        self.assertEqual((yield peer.until(OK)), OK)
+        self.assertEqual(self.bodies(), [body])
