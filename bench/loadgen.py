@@ -4,6 +4,7 @@ A load generator: many sensor connections in one process, driven by iapd's own c
     python3 bench/loadgen.py --port P --pki DIR --connections 16 --window 256 --size 1024 --duration 5 --tag r1
     python3 bench/loadgen.py ... --rate 1000 --duration 5      # fixed offered load, ack latency
     python3 bench/loadgen.py ... --hold                        # connect, say so, wait for "go" on stdin
+    python3 bench/loadgen.py ... --linger                      # when done, keep the connections until SIGTERM
 
 Each connection goes through iapd's real sensor setup (L{iapd.client.SensorFactory}:
 CONNECT, upgrade, mutual TLS with role checks, version verify).  In the data phase a
@@ -231,6 +232,8 @@ def main() -> None:
     parser.add_argument("--tag", default="bench")
     parser.add_argument("--hold", action="store_true",
                         help="once all are ready print a line, then send on 'go' or close on end of input")
+    parser.add_argument("--linger", action="store_true",
+                        help="when done, say so and keep the connections, idle, until stopped (SIGTERM)")
     parser.add_argument("--plain", action="store_true", help="the benchmark's plaintext manager: no TLS")
     parser.add_argument("--resume", action="store_true", help="offer TLS sessions back (default: full handshakes)")
     parser.add_argument("--parallel", type=int, default=64, help="connection setups at once")
@@ -326,6 +329,9 @@ def main() -> None:
             out["lat_p50_ms"] = lat[len(lat) // 2] * 1000
             out["lat_p99_ms"] = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
             out["lat_max_ms"] = lat[-1] * 1000
+        if args.linger:
+            emit(out)
+            return
         for d in run.drivers:
             if not d.lost:
                 d.transport.loseConnection()

@@ -22,6 +22,11 @@ own objects are not in it), compared with the first row, the floor:
   ... no client cert        the same, the manager asking for no client certificate
   ... Ed25519 sensor        the same, the sensor's certificate made for an Ed25519 key
                             (iapctl's keys are P-256)
+  ... buffers given back    after the handshake, the manager's memory BIOs given back as
+                            a quiet connection's are (iapd/tlsbuffers.py), checked by a
+                            second alert
+  after a 64 KiB read       the handshake, then 64 KiB of alert in one socket read
+  ... buffers given back    the same, then given back
 
 Nothing is asserted about the sizes; the run fails if a handshake does not complete or
 the manager did not get the sensor's certificate where it asked for one.
@@ -117,7 +122,7 @@ def main() -> None:
     from OpenSSL import SSL, crypto
     from twisted.internet import ssl as tssl
 
-    from iapd import tls
+    from iapd import tls, tlsbuffers
 
     pki = common.make_pki(Path(tempfile.mkdtemp(prefix="iapd-tlsmem-")))
     manager = tls.load_material(pki / f"{common.MANAGER}.crt", pki / f"{common.MANAGER}.key", pki / "ca.crt")
@@ -145,7 +150,24 @@ def main() -> None:
             context.set_verify(SSL.VERIFY_NONE)
         return context
 
-    def connected(variant: str) -> Callable[[], Any]:
+    def exchange(client: Any, server: Any, alert: bytes, variant: str) -> None:
+        """One alert and its answer; the alert's records reach the manager in one write,
+        as a socket read hands them to Twisted's TLS."""
+        client.sendall(alert)
+        server.bio_write(client.bio_read(1 << 20))
+        got = b""
+        for _ in range(64):
+            try:
+                got += server.recv(65536)
+            except SSL.WantReadError:
+                break
+        if got != alert:
+            raise common.BenchError(f"{variant}: the alert did not come through")
+        server.send(b"IAP/0.2 200 OK\r\n\r\n")
+        pump(client, server)
+        client.recv(65536)
+
+    def connected(variant: str, burst: bool = False, release: bool = False) -> Callable[[], Any]:
         context = manager_context(variant)
         client_context = ed25519_context if variant == "Ed25519 sensor" else sensor_context
 
@@ -155,17 +177,16 @@ def main() -> None:
             client = SSL.Connection(client_context, None)
             client.set_connect_state()
             pump(client, server)
-            client.send(b"x" * 1024)
-            pump(client, server)
-            if server.recv(65536) != b"x" * 1024:
-                raise common.BenchError(f"{variant}: the alert did not come through")
-            server.send(b"IAP/0.2 200 OK\r\n\r\n")
-            pump(client, server)
-            client.recv(65536)
+            exchange(client, server, b"x" * (65536 if burst else 1024), variant)
             if server.get_protocol_version_name() != "TLSv1.3":
                 raise common.BenchError(f"{variant}: negotiated {server.get_protocol_version_name()}")
             if (server.get_peer_certificate() is None) != (variant == "no client cert"):
                 raise common.BenchError(f"{variant}: the manager has the wrong idea of the sensor's certificate")
+            if release:
+                if not tlsbuffers.release(server):
+                    raise common.BenchError(f"buffers not given back: {tlsbuffers.unsupported_reason()}")
+                exchange(client, server, b"y" * 1024, f"{variant}, after giving the buffers back")
+                tlsbuffers.release(server)
             return server  # the client side is dropped: only the manager's half is kept
 
         return one
@@ -181,6 +202,9 @@ def main() -> None:
         ("... P-256 only", connected("p256")),
         ("... no client cert", connected("no client cert")),
         ("... Ed25519 sensor", connected("Ed25519 sensor")),
+        ("... buffers given back", connected("default", release=True)),
+        ("after a 64 KiB read", connected("default", burst=True)),
+        ("... buffers given back", connected("default", burst=True, release=True)),
     ]
     print(f"C heap per manager-side connection, {count} connections each"
           f" ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()})")
