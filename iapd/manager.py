@@ -45,7 +45,7 @@ from .tls import (
     server_options,
     session_reused,
 )
-from .tlsbuffers import release
+from .tlsbuffers import BUSY_SWEEPS, release
 from .urgent import UrgentDataWatcher
 
 ANY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
@@ -152,7 +152,8 @@ class ManagerProtocol(SetupReceiver):
         self._store_failing = False
         self._unread: list[bytes] = []
         self._gathering = False
-        self._heard = self._holding = False  # see release_idle_buffers
+        self._heard = False  # see release_idle_buffers
+        self._holding = 0
         self._deadline: IDelayedCall | None = f.reactor.callLater(f.settings.setup_timeout, self._setup_expired)
         try:
             self.transport.setTcpNoDelay(True)
@@ -499,14 +500,24 @@ class ManagerProtocol(SetupReceiver):
         """
         Called by L{IdleBufferRelease} every few seconds: a connection in the data phase
         that has had no read for a whole interval gives back what its TLS buffers grew
-        to (L{iapd.tlsbuffers}), once, until it is heard again.  Returns whether it did.
+        to (L{iapd.tlsbuffers}), once, until it is heard again; one heard at every sweep
+        does so every L{BUSY_SWEEPS}.  Returns whether it did.
+
+        C{_holding} counts the sweeps that found it heard since it last gave them back
+        (0: nothing to give).  The state is enough to tell an open connection: the
+        manager's own closes set it, and the peer's end in C{connectionLost}, which
+        takes it out of the sweep at once.
         """
-        if self._heard:
-            self._heard, self._holding = False, True
+        heard, self._heard = self._heard, False
+        if heard:
+            self._holding += 1
+            if self._holding < BUSY_SWEEPS:
+                return False
+        elif not self._holding:
             return False
-        if not self._holding or self.state != State.DATA or self.transport.disconnecting:
+        if self.state != State.DATA:
             return False
-        self._holding = False
+        self._holding = 0
         return release(self.transport.getHandle())
 
     # -- endings ---------------------------------------------------------------------

@@ -5,8 +5,8 @@ Twisted's TLS runs OpenSSL over two memory BIOs per connection: what the socket
 brings is written into one, what OpenSSL has encrypted is read out of the other.  A
 memory BIO's buffer only ever grows: it keeps the size of the most it has held.  A
 socket read of 64 KiB is written into it whole, so a sensor that once sent a burst keeps
-about 85 KiB of C heap on the manager for as long as it stays connected (128 KiB per
-connection in all, against 43 KiB for one that never did), and the handshake's flights
+about 85 KiB of C heap on the manager for as long as it stays connected (126.5 KiB
+per connection in all, against 43 KiB for one that never did), and the handshake's flights
 leave 3.5-5 KiB behind on every connection (C{bench/tls_memory.py}).  OpenSSL's
 C{SSL_MODE_RELEASE_BUFFERS}, which Twisted sets, frees OpenSSL's own record buffers,
 not the BIOs'.  So a manager's memory grew with the number of sensors that had ever
@@ -17,9 +17,9 @@ ones: C{SSL_set_bio} hands them to OpenSSL and frees the old ones, after any byt
 still in the old ones have been moved across (a partial record read ahead, ciphertext
 not yet written).  That reaches into the pyOpenSSL C{Connection}'s private attributes
 (C{_ssl}, C{_into_ssl}, C{_from_ssl}), so it is done only with the pyOpenSSL releases
-it was tested with, whose C{Connection} leaves its BIOs to C{SSL_free}: with any other
-L{release} does nothing, and L{IdleBufferRelease} says so once when it starts.  A
-later pyOpenSSL that freed the BIOs itself would otherwise free them twice.
+whose C{Connection} is known to leave its BIOs to C{SSL_free} (L{TESTED_MAJORS}): with
+any other L{release} does nothing, and L{IdleBufferRelease} says so once when it
+starts.  A later pyOpenSSL that freed the BIOs itself would otherwise free them twice.
 """
 
 from __future__ import annotations
@@ -34,11 +34,18 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 TESTED_MAJORS = range(23, 27)
-"""pyOpenSSL releases (major versions) whose C{Connection} this module was checked against."""
+"""pyOpenSSL major versions whose C{Connection} makes its memory BIOs the same way
+(C{BIO_new}, handed to C{SSL_set_bio}, never freed from Python): read in 23.0, 24.0,
+24.3, 25.0, 25.3 and 26.4; the tests run with Debian 12's 23.0 and pip's latest."""
 
 INTERVAL = 5.0
 """Seconds between sweeps: a connection is given back its buffers after one whole
 interval without a read, so 5 to 10 seconds after its last one."""
+
+BUSY_SWEEPS = 12
+"""A connection heard at every sweep is given its buffers back every this many sweeps
+(a minute), so that a sensor sending a little all the time does not keep what one
+burst made them grow to."""
 
 _CHUNK = 65536
 
@@ -52,14 +59,17 @@ def unsupported_reason(version: str = OpenSSL.__version__) -> str | None:
     if major not in TESTED_MAJORS:
         return (f"pyOpenSSL {version} is not one of the releases iapd was tested with"
                 f" ({TESTED_MAJORS.start}.x to {TESTED_MAJORS.stop - 1}.x)")
-    from OpenSSL import SSL
-    from OpenSSL._util import lib
+    try:
+        from OpenSSL import SSL
+        from OpenSSL._util import lib
 
-    if not all(hasattr(lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "SSL_set_bio")):
-        return "the OpenSSL bindings lack a function it needs"
-    probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-    if not all(getattr(probe, name, None) is not None for name in ("_ssl", "_into_ssl", "_from_ssl")):
-        return "pyOpenSSL's Connection keeps its memory BIOs differently"
+        if not all(hasattr(lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "SSL_set_bio")):
+            return "the OpenSSL bindings lack a function it needs"
+        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        if not all(getattr(probe, name, None) is not None for name in ("_ssl", "_into_ssl", "_from_ssl")):
+            return "pyOpenSSL's Connection keeps its memory BIOs differently"
+    except Exception as e:  # whatever this pyOpenSSL does differently must not stop the manager
+        return f"pyOpenSSL could not be probed ({type(e).__name__}: {e})"
     return None
 
 
@@ -91,28 +101,36 @@ def _drain(bio: Any) -> bytes:
         parts.append(ffi.buffer(buf, n)[:])
 
 
-def _fresh(pending: bytes) -> Any:
-    """A new memory BIO holding C{pending}."""
+def _new_bio() -> Any:
     from OpenSSL._util import ffi, lib
 
     bio = lib.BIO_new(lib.BIO_s_mem())
     if bio == ffi.NULL:
         raise MemoryError("BIO_new failed")
-    if pending and lib.BIO_write(bio, pending, len(pending)) != len(pending):
-        lib.BIO_free(bio)
-        raise MemoryError("BIO_write failed")
     return bio
+
+
+def _put(bio: Any, data: bytes) -> bool:
+    from OpenSSL._util import lib
+
+    return not data or lib.BIO_write(bio, data, len(data)) == len(data)
 
 
 def release(connection: Any) -> bool:
     """
     Give C{connection}'s two memory BIOs back and go on with two new ones.
 
-    C{connection} is a pyOpenSSL C{Connection} over memory BIOs (as Twisted's TLS
-    makes them).  Must not be called while OpenSSL is working on it, which in a reactor
-    means anywhere but inside one of its own calls.  Returns whether it was done: not
-    with an untested pyOpenSSL, nor on a connection over a socket.  Nothing is lost
-    either way: the bytes the old BIOs held are in the new ones, in the same order.
+    C{connection} is a pyOpenSSL C{Connection} over memory BIOs, as Twisted's TLS
+    makes them, still open: not after C{bio_shutdown} (its end-of-file mark is not
+    carried over), and not while OpenSSL is working on it, which in a reactor means
+    anywhere but inside one of its own calls.  Returns whether it was done: not with
+    an untested pyOpenSSL, nor on a connection over a socket.  The bytes the old BIOs
+    held are in the new ones, in the same order (with Twisted's TLS there are none
+    between two of its calls: it reads until OpenSSL wants more, and sends what
+    OpenSSL wrote at once).  If memory runs out (C{MemoryError}), the connection keeps
+    its old BIOs and what was read out of them; only if it runs out while they are
+    being read can bytes be lost, and then TLS fails on that connection, which closes,
+    and its sensor sends again whatever was not answered.
     """
     if _UNSUPPORTED is not None or getattr(connection, "_socket", True) is not None:
         return False
@@ -121,19 +139,24 @@ def release(connection: Any) -> bool:
         return False
     from OpenSSL._util import lib
 
-    pending_in, pending_out = _drain(old_in), _drain(old_out)
+    into = _new_bio()
     try:
-        into = _fresh(pending_in)
-        try:
-            out = _fresh(pending_out)
-        except MemoryError:
-            lib.BIO_free(into)
-            raise
+        out = _new_bio()
     except MemoryError:
-        # out of memory: the connection goes on with its old BIOs, holding what they held
-        for bio, pending in ((old_in, pending_in), (old_out, pending_out)):
-            if pending:
-                lib.BIO_write(bio, pending, len(pending))
+        lib.BIO_free(into)
+        raise
+    pending_in = pending_out = b""
+    try:
+        # reading the old BIOs empties them: from here, a failure puts back what was read
+        pending_in = _drain(old_in)
+        pending_out = _drain(old_out)
+        if not (_put(into, pending_in) and _put(out, pending_out)):
+            raise MemoryError("BIO_write failed")
+    except BaseException:
+        lib.BIO_free(into)
+        lib.BIO_free(out)
+        _put(old_in, pending_in)
+        _put(old_out, pending_out)
         raise
     lib.SSL_set_bio(connection._ssl, into, out)  # frees the old pair
     connection._into_ssl, connection._from_ssl = into, out
@@ -149,7 +172,7 @@ class ReleasesBuffers(Protocol):
 class IdleBufferRelease(service.Service):
     """
     Every L{INTERVAL} seconds, asks each connection to give back its TLS buffers if it
-    has been quiet since the last sweep.
+    has had no read for a whole interval (or has been busy for L{BUSY_SWEEPS}).
 
     One timer for all connections rather than one each: a timer is memory too, and
     the point is to keep less per connection.
@@ -170,8 +193,10 @@ class IdleBufferRelease(service.Service):
     def startService(self) -> None:
         super().startService()
         if _UNSUPPORTED is not None:
-            self.log.info("TLS buffers of quiet connections are kept: {why}", why=_UNSUPPORTED)
+            self.log.warn("TLS buffers of quiet connections are kept, not given back: {why}", why=_UNSUPPORTED)
             return
+        if _malloc_trim is None:
+            self.log.info("no malloc_trim in this C library: memory given back stays with the process, for reuse")
         self._loop = LoopingCall(self.sweep)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=False)
@@ -190,8 +215,9 @@ class IdleBufferRelease(service.Service):
         gives back only what is at the top of the heap, and a connection's buffers lie
         among objects that stay, so without it the pages would stay resident (and
         counted against the unit) until reused.  That walk takes about 1 ms per
-        thousand connections, and 8 ms per thousand 64 KiB buffers it returns: it runs
-        on a thread, one at a time, not in the reactor's turn.
+        thousand connections, and 8 ms per thousand 64 KiB buffers it returns.  It runs
+        on a thread, one at a time: the reactor goes on with its Python work meanwhile,
+        though an allocation of its own from the C heap waits for glibc's lock.
         """
         released = 0
         for connection in list(self.connections):
@@ -204,7 +230,11 @@ class IdleBufferRelease(service.Service):
         self.released += released
         if released and _malloc_trim is not None and not self._trimming:
             self._trimming = True
-            self.reactor.callInThread(self._trim)
+            try:
+                self.reactor.callInThread(self._trim)
+            except Exception:
+                self._trimming = False
+                raise
         return released
 
     def _trim(self) -> None:

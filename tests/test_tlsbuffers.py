@@ -12,6 +12,7 @@ setup are left alone.
 
 from __future__ import annotations
 
+import ctypes
 import ssl
 import tempfile
 from pathlib import Path
@@ -22,15 +23,30 @@ from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock, deferLater
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock, deferLater
+from twisted.logger import LogLevel, capturedLogs
 
 from iapd import tlsbuffers
-from iapd.tls import load_material, server_options, tls_profile, to_pyopenssl, trust_root
+from iapd.tls import (
+    load_material,
+    server_options,
+    tls_profile,
+    to_pyopenssl,
+    trust_root,
+)
 from iapd.tlsbuffers import IdleBufferRelease, release, unsupported_reason
 
 from .certs import make_test_pki
-from .support import OK, SERVER_VERIFY, UPGRADE, VERIFY, ManagerTestCase, content, setup_bytes
+from .support import (
+    OK,
+    SERVER_VERIFY,
+    UPGRADE,
+    VERIFY,
+    ManagerTestCase,
+    content,
+    setup_bytes,
+)
 
 WAIT = 10.0
 
@@ -166,6 +182,58 @@ def test_a_connection_over_a_socket_is_left_alone(contexts: Any) -> None:
         b.close()
 
 
+def c_heap_in_use() -> int:
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
+def test_the_old_buffers_are_freed(contexts: Any) -> None:
+    """What a 64 KiB read made the manager's incoming BIO grow to is handed back to malloc."""
+    manager_context, sensor_context = contexts
+    servers = []
+    for _ in range(8):
+        server = SSL.Connection(manager_context, None)
+        server.set_accept_state()
+        client = SSL.Connection(sensor_context, None)
+        client.set_connect_state()
+        pump(client, server)
+        client.sendall(b"z" * 65536)
+        server.bio_write(client.bio_read(1 << 20))  # one socket read's worth, in one write
+        assert read_all(server) == b"z" * 65536
+        servers.append(server)
+    before = c_heap_in_use()
+    for server in servers:
+        assert release(server)
+    freed = before - c_heap_in_use()
+    assert freed > 8 * 64 * 1024, f"only {freed} octets freed for 8 connections"
+
+
+def test_with_an_untested_pyopenssl_nothing_is_touched(pair: tuple[Any, Any], monkeypatch: Any) -> None:
+    client, server = pair
+    monkeypatch.setattr(tlsbuffers, "_UNSUPPORTED", "pyOpenSSL 99.0 is not one of the releases iapd was tested with")
+    bios = (server._into_ssl, server._from_ssl)
+    assert release(server) is False
+    assert (server._into_ssl, server._from_ssl) == bios
+    clock = Clock()
+    sweeper = IdleBufferRelease([], clock)
+    with capturedLogs() as events:
+        sweeper.startService()
+    assert not clock.getDelayedCalls()  # no sweeps at all
+    warned = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warned) == 1
+    assert warned[0]["log_format"].startswith("TLS buffers of quiet connections are kept, not given back")
+    assert warned[0]["why"] == "pyOpenSSL 99.0 is not one of the releases iapd was tested with"
+    sweeper.stopService()
+
+
 @pytest.mark.parametrize(("version", "why"), [
     ("26.4.0", None),
     ("23.0.0", None),
@@ -214,6 +282,28 @@ def test_the_sweep_runs_every_interval_until_stopped() -> None:
     sweeper.stopService()
     clock.advance(50.0)
     assert [c.asked for c in connections] == [2, 2] and not clock.getDelayedCalls()
+
+
+def test_one_trim_at_a_time() -> None:
+    """A sweep while the last one's malloc_trim still runs does not start a second."""
+    class Later(Clock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queued: list[Any] = []
+
+        def callInThread(self, f: Any, *args: Any, **kw: Any) -> None:
+            self.queued.append(lambda: f(*args, **kw))
+
+    class Connection:
+        def release_idle_buffers(self) -> bool:
+            return True
+
+    clock = Later()
+    sweeper = IdleBufferRelease([Connection()], clock)
+    assert sweeper.sweep() == 1 and len(clock.queued) == 1
+    assert sweeper.sweep() == 1 and len(clock.queued) == 1  # the first has not run yet
+    clock.queued.pop()()
+    assert sweeper.sweep() == 1 and len(clock.queued) == 1
 
 
 def test_the_manager_daemon_sweeps_its_connections(tmp_path: Path) -> None:
@@ -348,6 +438,22 @@ class ManagerBufferTests(ManagerTestCase):
             self.assertEqual(self.sweeper.sweep(), 0)
         self.assertEqual(self.bios(), bios)
         self.assertEqual(self.sweeper.sweep(), 1)
+
+    @inlineCallbacks
+    def test_a_connection_heard_at_every_sweep_gives_back_once_a_minute(self) -> Any:
+        peer = yield self.ready_peer()
+        yield self.send(peer, [b"%04d" % i + b"b" * 4092 for i in range(64)])
+        self.sweeper.sweep()
+        bios = self.bios()
+        for i in range(tlsbuffers.BUSY_SWEEPS - 2):
+            yield self.send(peer, [b"steady %d" % i])
+            self.assertEqual(self.sweeper.sweep(), 0)
+        self.assertEqual(self.bios(), bios)
+        yield self.send(peer, [b"the busy limit"])
+        self.assertEqual(self.sweeper.sweep(), 1)  # heard at BUSY_SWEEPS sweeps in a row
+        self.assertNotEqual(self.bios(), bios)
+        yield self.send(peer, [b"after"])
+        self.assertEqual(len(self.bodies()), 64 + tlsbuffers.BUSY_SWEEPS - 2 + 2)
 
     @inlineCallbacks
     def test_connections_still_in_setup_are_left_alone(self) -> Any:
