@@ -227,6 +227,14 @@ class IdleBufferRelease(service.Service):
             except MemoryError as e:
                 self.log.warn("could not give back a connection's TLS buffers: {error}", error=str(e))
                 break
+            except Exception:
+                # not expected from OpenSSL or pyOpenSSL: stop rather than try again on
+                # thousands of connections, and say so; the connections go on as they are
+                self.log.failure("giving back a connection's TLS buffers failed; no more sweeps until restart")
+                if self._loop is not None and self._loop.running:
+                    self._loop.stop()
+                self._loop = None
+                break
         self.released += released
         if released and _malloc_trim is not None and not self._trimming:
             self._trimming = True

@@ -306,6 +306,32 @@ def test_one_trim_at_a_time() -> None:
     assert sweeper.sweep() == 1 and len(clock.queued) == 1
 
 
+def test_an_unexpected_error_stops_the_sweeps_and_says_so() -> None:
+    class Connection:
+        def __init__(self, fails: bool) -> None:
+            self.fails, self.asked = fails, 0
+
+        def release_idle_buffers(self) -> bool:
+            self.asked += 1
+            if self.fails:
+                raise RuntimeError("SSL_set_bio went wrong")
+            return False
+
+    clock = ThreadedClock()
+    connections = [Connection(fails=True)]
+    sweeper = IdleBufferRelease(connections, clock, interval=5.0)
+    sweeper.startService()
+    with capturedLogs() as events:
+        clock.advance(5.0)
+    assert [c.asked for c in connections] == [1]
+    failures = [e for e in events if e["log_level"] == LogLevel.critical]
+    assert len(failures) == 1 and "no more sweeps until restart" in failures[0]["log_format"]
+    assert failures[0]["log_failure"].check(RuntimeError)
+    clock.advance(60.0)
+    assert [c.asked for c in connections] == [1] and not clock.getDelayedCalls()
+    sweeper.stopService()
+
+
 def test_the_manager_daemon_sweeps_its_connections(tmp_path: Path) -> None:
     from iapd import manager_tap
 
