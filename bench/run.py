@@ -30,7 +30,9 @@ round (the goals are judged on the paired one):
   latency      acknowledgement latency p50/p99 at a fixed offered load, and CPU seconds
                per 10,000 alerts for the manager and each proxy
   scale        N sensors, 1 -> 10,000: time to set them all up, manager memory per idle
-               TLS connection, then alerts/s and memory under load; on both stacks
+               TLS connection (1 s after the last handshake, and once quiet long enough
+               for the manager to give their TLS buffers back), then alerts/s and
+               memory under load, and per connection once quiet again; on both stacks
 
 Two stacks: the manager runs under this interpreter with its libraries (pip's, with the
 OpenSSL bundled in cryptography's wheel), and, where Debian's /usr/bin/python3 has the
