@@ -36,7 +36,8 @@ from twisted.logger import Logger
 TESTED_MAJORS = range(23, 27)
 """pyOpenSSL major versions whose C{Connection} makes its memory BIOs the same way
 (C{BIO_new}, handed to C{SSL_set_bio}, never freed from Python): read in 23.0, 24.0,
-24.3, 25.0, 25.3 and 26.4; the tests run with Debian 12's 23.0 and pip's latest."""
+24.3, 25.0, 25.3 and 26.4.  The test suite runs with pip's latest; C{bench/tls_memory.py}
+(CI runs it) gives back and then uses connections on Debian 12's 23.0 as well."""
 
 INTERVAL = 5.0
 """Seconds between sweeps: a connection is given back its buffers after one whole
