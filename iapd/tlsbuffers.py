@@ -25,11 +25,12 @@ starts.  A later pyOpenSSL that freed the BIOs itself would otherwise free them 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, Protocol
 
 import OpenSSL
 from twisted.application import service
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -47,6 +48,15 @@ BUSY_SWEEPS = 12
 """A connection heard at every sweep is given its buffers back every this many sweeps
 (a minute), so that a sensor sending a little all the time does not keep what one
 burst made them grow to."""
+
+SLICE = 128
+"""Connections given their buffers back in one turn of the reactor, at most: a release
+takes 12-45 us (more after a burst, when the old buffers are large), so 2-6 ms of the
+reactor's time (L{IdleBufferRelease.sweep})."""
+
+SLICE_VISITS = 4096
+"""Connections looked at in one turn of the reactor, at most, whether they give anything
+back or not (about 1 ms)."""
 
 _CHUNK = 65536
 
@@ -190,6 +200,8 @@ class IdleBufferRelease(service.Service):
         """Connections given back their buffers since the start (for tests and curiosity)."""
         self._loop: LoopingCall | None = None
         self._trimming = False
+        self._going: IDelayedCall | None = None  # the rest of a pass, in a later turn
+        self._pass_released = 0
 
     def startService(self) -> None:
         super().startService()
@@ -206,22 +218,45 @@ class IdleBufferRelease(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._going is not None and self._going.active():
+            self._going.cancel()
+        self._going = None
         return super().stopService()
 
     def sweep(self) -> int:
         """
-        One pass over the connections; returns how many gave their buffers back.
+        Start one pass over the connections; returns how many gave their buffers back
+        in this turn of the reactor (all that do, unless the pass goes on later).
 
-        Then, if any did, glibc is asked to return free memory to the system: C{free}
-        gives back only what is at the top of the heap, and a connection's buffers lie
-        among objects that stay, so without it the pages would stay resident (and
-        counted against the unit) until reused.  That walk takes about 1 ms per
-        thousand connections, and 8 ms per thousand 64 KiB buffers it returns.  It runs
-        on a thread, one at a time: the reactor goes on with its Python work meanwhile,
-        though an allocation of its own from the C heap waits for glibc's lock.
+        A release costs 12-45 us of the reactor's time, so 10,000 connections going
+        quiet together (the end of an alert storm) would hold every other connection's
+        reads and answers for up to half a second: the pass stops after L{SLICE}
+        releases, or L{SLICE_VISITS} connections looked at, and goes on in a later turn,
+        after the reactor has served what came in meanwhile.  A connection that closed
+        meanwhile is passed over.  A tick that comes while a pass is still going does
+        not start another.
+
+        Once a pass is done, if any connection gave its buffers back, glibc is asked to
+        return free memory to the system: C{free} gives back only what is at the top of
+        the heap, and a connection's buffers lie among objects that stay, so without it
+        the pages would stay resident (and counted against the unit) until reused.  That
+        walk takes about 1 ms per thousand connections, and 8 ms per thousand 64 KiB
+        buffers it returns.  It runs on a thread, one at a time: the reactor goes on with
+        its Python work meanwhile, though an allocation of its own from the C heap waits
+        for glibc's lock.
         """
-        released = 0
-        for connection in list(self.connections):
+        if self._going is not None:
+            return 0
+        self._pass_released = 0
+        return self._slice(iter(list(self.connections)))
+
+    def _slice(self, todo: Iterator[ReleasesBuffers]) -> int:
+        self._going = None
+        released = visited = 0
+        done = True
+        for connection in todo:
+            if connection not in self.connections:
+                continue  # closed since the pass began
             try:
                 if connection.release_idle_buffers():
                     released += 1
@@ -236,8 +271,14 @@ class IdleBufferRelease(service.Service):
                     self._loop.stop()
                 self._loop = None
                 break
+            visited += 1
+            if released >= SLICE or visited >= SLICE_VISITS:
+                self._going = self.reactor.callLater(0, self._slice, todo)
+                done = False
+                break
         self.released += released
-        if released and _malloc_trim is not None and not self._trimming:
+        self._pass_released += released
+        if done and self._pass_released and _malloc_trim is not None and not self._trimming:
             self._trimming = True
             try:
                 self.reactor.callInThread(self._trim)

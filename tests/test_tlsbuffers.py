@@ -3,11 +3,13 @@ Quiet connections give their TLS buffers back (iapd/tlsbuffers.py), and lose not
 
 The first tests take two real pyOpenSSL connections over memory BIOs (the manager's
 context and a sensor's, as iapd makes them) and swap the manager side's BIOs at the
-awkward moments: ciphertext waiting on either side, a record half read.  The rest run
-a real manager (TCP on 127.0.0.1, TLS, SQLite): bursts, a sweep, more alerts; a record
-cut in two by the sweep, sent by a peer that does its own TLS (Python's ssl module) so
-the test decides where the cut falls; connections that keep talking or are still in
-setup are left alone.
+awkward moments: ciphertext waiting on either side, a record half read.  The sweep's
+own tests drive it with a clock: a pass over many connections goes on over several
+turns of the reactor.  The rest run a real manager (TCP on 127.0.0.1, TLS, SQLite):
+bursts, a sweep, more alerts; a record cut in two by the sweep, sent by a peer that
+does its own TLS (Python's ssl module) so the test decides where the cut falls;
+connections that keep talking or are still in setup are left alone; a pass spread over
+turns while the sensors go on sending.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import reactor
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, deferLater
@@ -306,6 +309,92 @@ def test_one_trim_at_a_time() -> None:
     assert sweeper.sweep() == 1 and len(clock.queued) == 1
 
 
+class TurnClock(ThreadedClock):
+    """A clock that runs what is called for the next turn (C{callLater(0, ...)}) only when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_turn: list[DelayedCall] = []
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> DelayedCall:
+        if delay:
+            return super().callLater(delay, f, *args, **kw)
+        call = DelayedCall(self.seconds(), f, args, kw, self.next_turn.remove, lambda c: None, seconds=self.seconds)
+        self.next_turn.append(call)
+        return call
+
+    def turn(self) -> None:
+        calls, self.next_turn = self.next_turn, []
+        for call in calls:
+            call.called = 1
+            call.func(*call.args, **call.kw)
+
+
+def test_a_pass_over_many_connections_is_spread_over_turns_of_the_reactor(monkeypatch: Any) -> None:
+    """
+    Thousands of connections going quiet together must not hold the reactor for a
+    quarter of a second: SLICE releases, then the rest of the pass in later turns.
+    """
+    monkeypatch.setattr(tlsbuffers, "SLICE", 3)
+    monkeypatch.setattr(tlsbuffers, "SLICE_VISITS", 5)
+
+    class Connection:
+        def __init__(self, gives: bool) -> None:
+            self.gives, self.asked = gives, 0
+
+        def release_idle_buffers(self) -> bool:
+            self.asked += 1
+            return self.gives
+
+    clock = TurnClock()
+    quiet = [Connection(True) for _ in range(7)]
+    busy = [Connection(False) for _ in range(6)]
+    connections = quiet + busy
+    sweeper = IdleBufferRelease(connections, clock, interval=5.0)
+    sweeper.startService()
+    clock.advance(5.0)
+    assert [c.asked for c in connections] == [1, 1, 1] + [0] * 10  # three released: this turn is over
+    assert sweeper.released == 3 and clock.in_thread == 0  # no trim before the pass is done
+    closed = quiet[4]
+    connections.remove(closed)  # closed before its turn came
+    clock.turn()
+    assert [c.asked for c in quiet] == [1, 1, 1, 1, 0, 1, 1] and sweeper.released == 6
+    clock.turn()
+    assert [c.asked for c in busy] == [1, 1, 1, 1, 1, 0]  # five looked at, none gave back: over too
+    assert sweeper.released == 6 and clock.in_thread == 0
+    clock.turn()
+    assert [c.asked for c in busy] == [1] * 6 and clock.in_thread == 1  # done: one trim for the pass
+    assert closed.asked == 0
+    assert not clock.next_turn and clock.getDelayedCalls()[0].getTime() == 10.0  # only the next tick
+
+
+def test_a_tick_during_a_pass_starts_none_and_stopping_ends_it(monkeypatch: Any) -> None:
+    monkeypatch.setattr(tlsbuffers, "SLICE", 1)
+
+    class Connection:
+        def __init__(self) -> None:
+            self.asked = 0
+
+        def release_idle_buffers(self) -> bool:
+            self.asked += 1
+            return True
+
+    clock = TurnClock()
+    connections = [Connection() for _ in range(3)]
+    sweeper = IdleBufferRelease(connections, clock)
+    assert sweeper.sweep() == 1
+    assert sweeper.sweep() == 0  # the pass still going: no second one over the same connections
+    assert [c.asked for c in connections] == [1, 0, 0]
+    clock.turn()
+    assert [c.asked for c in connections] == [1, 1, 0]
+    sweeper.startService()
+    sweeper.stopService()
+    assert not clock.next_turn and not clock.getDelayedCalls()  # the rest of the pass went with it
+    clock.turn()
+    assert [c.asked for c in connections] == [1, 1, 0] and clock.in_thread == 0
+    assert sweeper.sweep() == 1 and [c.asked for c in connections] == [2, 1, 0]  # a new pass, from the start
+
+
 def test_an_unexpected_error_stops_the_sweeps_and_says_so() -> None:
     class Connection:
         def __init__(self, fails: bool) -> None:
@@ -480,6 +569,28 @@ class ManagerBufferTests(ManagerTestCase):
         self.assertNotEqual(self.bios(), bios)
         yield self.send(peer, [b"after"])
         self.assertEqual(len(self.bodies()), 64 + tlsbuffers.BUSY_SWEEPS - 2 + 2)
+
+    @inlineCallbacks
+    def test_a_pass_goes_on_in_later_turns_while_sensors_are_served(self) -> Any:
+        self.patch(tlsbuffers, "SLICE", 1)
+        peers = []
+        for n in range(3):
+            peer = yield self.ready_peer()
+            yield self.send(peer, [b"%d-%04d" % (n, i) + b"c" * 4090 for i in range(16)])
+            peers.append(peer)
+        handles = [c.transport.getHandle() for c in self.factory.connections]
+        before = [(h._into_ssl, h._from_ssl) for h in handles]
+        self.assertEqual(self.sweeper.sweep(), 0)  # heard since the last sweep
+        self.assertEqual(self.sweeper.sweep(), 1)  # one, and the rest in later turns
+        for _ in range(100):
+            if self.sweeper._going is None:  # the pass is over
+                break
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertEqual(self.sweeper.released, 3)
+        self.assertTrue(all((h._into_ssl, h._from_ssl) != b for h, b in zip(handles, before)))
+        for n, peer in enumerate(peers):
+            yield self.send(peer, [b"after the pass %d" % n])
+        self.assertEqual(len(self.bodies()), 3 * 16 + 3)
 
     @inlineCallbacks
     def test_connections_still_in_setup_are_left_alone(self) -> Any:
