@@ -96,12 +96,15 @@ def twistd(python: str | None = None) -> list[str]:
 
 
 _STACK_PROBE = """
-import json, sys
+import json, os, sys
 import attr, cryptography, defusedxml, numpy, plyvel, prometheus_client, service_identity, twisted, yaml
 import OpenSSL
 from OpenSSL import SSL
 import iapd, twisted.plugins.iapd_plugins, iapd.manager_tap
-print(json.dumps({"iapd": iapd.__file__, "python": sys.version.split()[0], "twisted": twisted.__version__,
+print(json.dumps({"iapd": iapd.__file__, "python": sys.version.split()[0],
+                  "interpreter": os.path.realpath(sys.executable)
+                  + (", in a venv" if sys.prefix != sys.base_prefix else ""),
+                  "twisted": twisted.__version__,
                   "pyopenssl": OpenSSL.__version__, "cryptography": cryptography.__version__,
                   "openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}))
 """

@@ -501,7 +501,8 @@ def report(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         f" load average at start {m['loadavg']}")
     for name, st in ((PIP, m), (DEBIAN, m.get("debian_stack"))):
         if st:
-            add(f"{name}: Python {st['python']}, Twisted {st['twisted']}, pyOpenSSL {st['pyopenssl']},"
+            where = f" ({st['interpreter']})" if st.get("interpreter") else ""  # older results.json have none
+            add(f"{name}: Python {st['python']}{where}, Twisted {st['twisted']}, pyOpenSSL {st['pyopenssl']},"
                 f" {st.get('openssl', '?')}")
     add("all processes share these cores (the load generator too); figures move by 10-30% between runs")
     add("")
@@ -689,7 +690,8 @@ def machine(here: dict[str, str], debian: dict[str, str] | None) -> dict[str, An
     except (OSError, KeyError):
         pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": mem, "os": osname,
-            "python": here["python"], "twisted": here["twisted"], "pyopenssl": here["pyopenssl"],
+            "python": here["python"], "interpreter": here.get("interpreter"), "twisted": here["twisted"],
+            "pyopenssl": here["pyopenssl"],
             "openssl": here["openssl"], "debian_stack": debian,
             "loadavg": Path("/proc/loadavg").read_text().split()[0], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
