@@ -56,7 +56,7 @@ reactor's time (L{IdleBufferRelease.sweep})."""
 
 SLICE_VISITS = 4096
 """Connections looked at in one turn of the reactor, at most, whether they give anything
-back or not (about 1 ms)."""
+back or not (1-2 ms)."""
 
 _CHUNK = 65536
 
