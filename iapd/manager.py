@@ -517,8 +517,9 @@ class ManagerProtocol(SetupReceiver):
             return False
         if self.state != State.DATA:
             return False
+        released = release(self.transport.getHandle())  # on MemoryError, asked again next sweep
         self._holding = 0
-        return release(self.transport.getHandle())
+        return released
 
     # -- endings ---------------------------------------------------------------------
 

@@ -51,8 +51,8 @@ burst made them grow to."""
 
 SLICE = 128
 """Connections given their buffers back in one turn of the reactor, at most: a release
-takes 12-45 us (more after a burst, when the old buffers are large), so 2-6 ms of the
-reactor's time (L{IdleBufferRelease.sweep})."""
+takes 12-45 us (more after a burst, when the old buffers are large), so 1.5-6 ms of
+the reactor's time (L{IdleBufferRelease.sweep})."""
 
 SLICE_VISITS = 4096
 """Connections looked at in one turn of the reactor, at most, whether they give anything
@@ -183,7 +183,9 @@ class ReleasesBuffers(Protocol):
 class IdleBufferRelease(service.Service):
     """
     Every L{INTERVAL} seconds, asks each connection to give back its TLS buffers if it
-    has had no read for a whole interval (or has been busy for L{BUSY_SWEEPS}).
+    has had no read for a whole interval (or has been busy for L{BUSY_SWEEPS}), a few
+    hundred per turn of the reactor (L{sweep}); a tick that comes while the last pass
+    is still going is skipped.
 
     One timer for all connections rather than one each: a timer is memory too, and
     the point is to keep less per connection.
@@ -231,8 +233,9 @@ class IdleBufferRelease(service.Service):
         A release costs 12-45 us of the reactor's time, so 10,000 connections going
         quiet together (the end of an alert storm) would hold every other connection's
         reads and answers for up to half a second: the pass stops after L{SLICE}
-        releases, or L{SLICE_VISITS} connections looked at, and goes on in a later turn,
-        after the reactor has served what came in meanwhile.  A connection that closed
+        releases, or L{SLICE_VISITS} connections looked at (at worst, a few under both
+        limits: about 8 ms), and goes on in a later turn, after the reactor has served
+        what came in meanwhile.  A connection that closed
         meanwhile is passed over.  A tick that comes while a pass is still going does
         not start another.
 

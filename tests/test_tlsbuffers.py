@@ -30,6 +30,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, capturedLogs
 
+from iapd import manager as manager_module
 from iapd import tlsbuffers
 from iapd.tls import (
     load_material,
@@ -368,31 +369,68 @@ def test_a_pass_over_many_connections_is_spread_over_turns_of_the_reactor(monkey
     assert not clock.next_turn and clock.getDelayedCalls()[0].getTime() == 10.0  # only the next tick
 
 
+class Asked:
+    """A connection that gives its buffers back when asked, or raises C{error}."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.asked, self.error = 0, error
+
+    def release_idle_buffers(self) -> bool:
+        self.asked += 1
+        if self.error is not None:
+            raise self.error
+        return True
+
+
 def test_a_tick_during_a_pass_starts_none_and_stopping_ends_it(monkeypatch: Any) -> None:
     monkeypatch.setattr(tlsbuffers, "SLICE", 1)
-
-    class Connection:
-        def __init__(self) -> None:
-            self.asked = 0
-
-        def release_idle_buffers(self) -> bool:
-            self.asked += 1
-            return True
-
     clock = TurnClock()
-    connections = [Connection() for _ in range(3)]
-    sweeper = IdleBufferRelease(connections, clock)
-    assert sweeper.sweep() == 1
-    assert sweeper.sweep() == 0  # the pass still going: no second one over the same connections
+    connections = [Asked() for _ in range(3)]
+    sweeper = IdleBufferRelease(connections, clock, interval=5.0)
+    sweeper.startService()
+    clock.advance(5.0)
     assert [c.asked for c in connections] == [1, 0, 0]
+    clock.advance(5.0)  # the next tick, the pass still going: no second one over the same connections
+    assert [c.asked for c in connections] == [1, 0, 0]
+    assert sweeper.sweep() == 0
     clock.turn()
     assert [c.asked for c in connections] == [1, 1, 0]
-    sweeper.startService()
     sweeper.stopService()
     assert not clock.next_turn and not clock.getDelayedCalls()  # the rest of the pass went with it
     clock.turn()
     assert [c.asked for c in connections] == [1, 1, 0] and clock.in_thread == 0
     assert sweeper.sweep() == 1 and [c.asked for c in connections] == [2, 1, 0]  # a new pass, from the start
+
+
+def test_an_error_in_a_later_turn_ends_the_pass(monkeypatch: Any) -> None:
+    """
+    Out of memory: the rest of the pass is dropped, the sweeps go on.  Anything else:
+    the sweeps stop, as when it comes in the first turn.  Either way what was given
+    back before is returned to the system.
+    """
+    monkeypatch.setattr(tlsbuffers, "SLICE", 1)
+    for error in (MemoryError("BIO_new failed"), RuntimeError("SSL_set_bio went wrong")):
+        clock = TurnClock()
+        connections = [Asked(), Asked(), Asked(error), Asked()]
+        sweeper = IdleBufferRelease(connections, clock, interval=5.0)
+        sweeper.startService()
+        with capturedLogs() as events:
+            clock.advance(5.0)
+            clock.turn()
+            clock.turn()
+        assert [c.asked for c in connections] == [1, 1, 1, 0] and sweeper.released == 2
+        assert not clock.next_turn and clock.in_thread == 1  # the pass is over, its trim done
+        logged = [e for e in events if e["log_level"] in (LogLevel.warn, LogLevel.critical)]
+        assert len(logged) == 1
+        connections[2].error = None
+        clock.advance(5.0)
+        if isinstance(error, MemoryError):
+            assert logged[0]["log_level"] == LogLevel.warn and logged[0]["error"] == "BIO_new failed"
+            assert [c.asked for c in connections] == [2, 1, 1, 0]  # the next tick: a new pass
+        else:
+            assert logged[0]["log_level"] == LogLevel.critical
+            assert [c.asked for c in connections] == [1, 1, 1, 0] and not clock.getDelayedCalls()
+        sweeper.stopService()
 
 
 def test_an_unexpected_error_stops_the_sweeps_and_says_so() -> None:
@@ -572,7 +610,23 @@ class ManagerBufferTests(ManagerTestCase):
 
     @inlineCallbacks
     def test_a_pass_goes_on_in_later_turns_while_sensors_are_served(self) -> Any:
+        """The reactor polls its sockets between two slices of a pass."""
         self.patch(tlsbuffers, "SLICE", 1)
+        polls = [0]
+        do_iteration = reactor.doIteration
+
+        def counting(delay: Any) -> Any:
+            polls[0] += 1
+            return do_iteration(delay)
+
+        released_at: list[int] = []
+
+        def recording(handle: Any) -> bool:
+            released_at.append(polls[0])
+            return release(handle)
+
+        self.patch(reactor, "doIteration", counting)
+        self.patch(manager_module, "release", recording)
         peers = []
         for n in range(3):
             peer = yield self.ready_peer()
@@ -581,16 +635,42 @@ class ManagerBufferTests(ManagerTestCase):
         handles = [c.transport.getHandle() for c in self.factory.connections]
         before = [(h._into_ssl, h._from_ssl) for h in handles]
         self.assertEqual(self.sweeper.sweep(), 0)  # heard since the last sweep
-        self.assertEqual(self.sweeper.sweep(), 1)  # one, and the rest in later turns
+        # from a timed call, as the service's own ticks are
+        self.assertEqual((yield deferLater(reactor, 0, self.sweeper.sweep)), 1)  # one, and the rest later
         for _ in range(100):
             if self.sweeper._going is None:  # the pass is over
                 break
             yield deferLater(reactor, 0, lambda: None)
         self.assertEqual(self.sweeper.released, 3)
+        self.assertEqual(len(released_at), 3)
+        self.assertTrue(released_at[0] < released_at[1] < released_at[2], released_at)
         self.assertTrue(all((h._into_ssl, h._from_ssl) != b for h, b in zip(handles, before)))
         for n, peer in enumerate(peers):
             yield self.send(peer, [b"after the pass %d" % n])
         self.assertEqual(len(self.bodies()), 3 * 16 + 3)
+
+    @inlineCallbacks
+    def test_out_of_memory_leaves_the_connection_to_the_next_sweep(self) -> Any:
+        peer = yield self.ready_peer()
+        yield self.send(peer, [b"%04d" % i + b"m" * 4092 for i in range(16)])
+        failures = [MemoryError("BIO_new failed")]
+
+        def failing_once(handle: Any) -> bool:
+            if failures:
+                raise failures.pop()
+            return release(handle)
+
+        self.patch(manager_module, "release", failing_once)
+        bios = self.bios()
+        self.sweeper.sweep()  # heard since the last sweep
+        with capturedLogs() as events:
+            self.assertEqual(self.sweeper.sweep(), 0)
+        self.assertEqual([e["error"] for e in events if e["log_level"] == LogLevel.warn], ["BIO_new failed"])
+        self.assertEqual(self.bios(), bios)
+        self.assertEqual(self.sweeper.sweep(), 1)  # still quiet, still holding: asked again
+        self.assertNotEqual(self.bios(), bios)
+        yield self.send(peer, [b"after"])
+        self.assertEqual(len(self.bodies()), 17)
 
     @inlineCallbacks
     def test_connections_still_in_setup_are_left_alone(self) -> Any:
