@@ -282,11 +282,15 @@ class Manager(Process):
         super().__init__(name, [*(command or twistd(python)), "--nodaemon", "--pidfile=", "--logfile=-",
                                 "iap-manager", "-c", str(conf)],
                          workdir, nofile=nofile)
-        wait_port(self.port, 30, self.proc)
-        if prefill:
-            # a manager that has been running for a while answers new alerts from the
-            # digest filter; after a start it fills it from the index first (seconds)
-            self.wait_log("the digest filter holds", 120)
+        try:
+            wait_port(self.port, 30, self.proc)
+            if prefill:
+                # a manager that has been running for a while answers new alerts from the
+                # digest filter; after a start it fills it from the index first (seconds)
+                self.wait_log("the digest filter holds", 120)
+        except BaseException:
+            self.stop()  # the caller has no manager to stop: one that never listened must not stay
+            raise
 
     def wait_log(self, text: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -43,13 +43,16 @@ def main() -> int:
     parser.add_argument("--sensors", type=int, default=16)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--duration", type=float, help="seconds of load per run (5; smoke: 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, PKI)")
     args = parser.parse_args()
     if not args.other and not args.smoke:
         parser.error("--other is required (the interpreter to compare with this one)")
+    if (args.rounds is not None and args.rounds < 1) or (args.duration is not None and args.duration <= 0) \
+            or args.sensors < 1 or args.size < 1:
+        parser.error("--rounds, --sensors and --size must be at least 1, --duration more than 0")
     other = args.other or sys.executable
     args.rounds = args.rounds or (1 if args.smoke else 5)
     args.duration = args.duration or (1.0 if args.smoke else 5.0)
-    args.keep = False
     pythons = {"this": sys.executable, "other": other}
     try:
         stacks = {name: common.stack(python) for name, python in pythons.items()}
@@ -73,8 +76,14 @@ def main() -> int:
             runs[name].append(r)
             print(f"round {rnd + 1} {name:<6} {r['rate']:>9,.0f} alerts/s  manager {r['manager_cpu_us']:5.1f} us/alert",
                   flush=True)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    except BaseException:
+        print(f"the logs are in {workdir}", file=sys.stderr)  # the errors name files there
+        raise
+    else:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     for name, rs in runs.items():
         rates = [r["rate"] for r in rs]
         print(f"{name:<6} median {statistics.median(rates):,.0f} alerts/s ({min(rates):,.0f}-{max(rates):,.0f}),"
