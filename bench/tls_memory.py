@@ -22,6 +22,8 @@ own objects are not in it), compared with the first row, the floor:
   ... no client cert        the same, the manager asking for no client certificate
   ... Ed25519 sensor        the same, the sensor's certificate made for an Ed25519 key
                             (iapctl's keys are P-256)
+  ... CA sent too           the same, the sensor sending its CA certificate after its
+                            own, as OpenSSL does unless told not to (before iapd did)
   ... buffers given back    after the handshake, the manager's memory BIOs given back as
                             a quiet connection's are (iapd/tlsbuffers.py), checked by a
                             second alert
@@ -128,16 +130,20 @@ def main() -> None:
     manager = tls.load_material(pki / f"{common.MANAGER}.crt", pki / f"{common.MANAGER}.key", pki / "ca.crt")
     sensor = tls.load_material(pki / f"{common.SENSOR}.crt", pki / f"{common.SENSOR}.key", pki / "ca.crt")
 
-    def sensor_context_for(key_pem: bytes, certificate: Any) -> Any:
-        return tssl.CertificateOptions(
+    def sensor_context_for(key_pem: bytes, certificate: Any, own_chain_only: bool = True) -> Any:
+        """A sensor's Context as iapd.tls.client_options makes it (the benchmark's PKI has
+        no intermediate CA, so no chain is given)."""
+        context = tssl.CertificateOptions(
             privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
             certificate=tls.to_pyopenssl(certificate),
             trustRoot=tls.trust_root(sensor),
             **tls.tls_profile(),
         ).getContext()
+        return tls.send_own_chain_only(context) if own_chain_only else context
 
     sensor_context = sensor_context_for(sensor.key_pem, sensor.certificate)
     ed25519_context = sensor_context_for(*ed25519_sensor(pki))
+    root_sending_context = sensor_context_for(sensor.key_pem, sensor.certificate, own_chain_only=False)
 
     def manager_context(variant: str) -> Any:
         context = tls.server_options(manager).getContext()
@@ -169,7 +175,7 @@ def main() -> None:
 
     def connected(variant: str, burst: bool = False, release: bool = False) -> Callable[[], Any]:
         context = manager_context(variant)
-        client_context = ed25519_context if variant == "Ed25519 sensor" else sensor_context
+        client_context = {"Ed25519 sensor": ed25519_context, "CA sent": root_sending_context}.get(variant, sensor_context)
 
         def one() -> Any:
             server = SSL.Connection(context, None)
@@ -202,6 +208,7 @@ def main() -> None:
         ("... P-256 only", connected("p256")),
         ("... no client cert", connected("no client cert")),
         ("... Ed25519 sensor", connected("Ed25519 sensor")),
+        ("... CA sent too", connected("CA sent")),
         ("... buffers given back", connected("default", release=True)),
         ("after a 64 KiB read", connected("default", burst=True)),
         ("... buffers given back", connected("default", burst=True, release=True)),

@@ -19,15 +19,23 @@ from typing import Any
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 from .roles import IAP_ALERT_CONSUMER, has_role, identity_of
-from .x509compat import load_pem_certificates, not_valid_after, not_valid_before
+from .x509compat import extensions, load_pem_certificates, not_valid_after, not_valid_before
 
 # Forward-secret AEAD suites for TLS 1.2; TLS 1.3 suites are all of that kind already.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
+
+SSL_MODE_NO_AUTO_CHAIN = 0x8
+"""OpenSSL's ssl.h value (the same since 1.0.2); pyOpenSSL names no constant for it."""
+
+MAX_CHAIN = 8
+"""CA certificates looked for above our own before giving up: a CA file whose CAs
+certify one another in a ring must not make the search endless."""
 
 
 class TLSSetupError(Exception):
@@ -112,6 +120,88 @@ def trust_root(material: TLSMaterial) -> Any:
     )
 
 
+def _self_signed(cert: x509.Certificate) -> bool:
+    return cert.subject == cert.issuer
+
+
+def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """
+    Whether C{ca} looks like the issuer of C{cert}: same name, and the same key
+    identifier where both certificates carry one.  A guess, not a verification: the
+    peer verifies what it is sent, and a wrong guess only sends it a useless CA.
+    """
+    if ca.subject != cert.issuer:
+        return False
+    try:
+        wanted = extensions(cert).get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+        held = extensions(ca).get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except (x509.ExtensionNotFound, ValueError):
+        return True
+    return wanted is None or wanted == held
+
+
+def chain_to_send(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
+    """
+    The CA certificates a handshake sends after our own: those of the certificate file,
+    else the CAs between ours and a root found in the CA file; never a self-signed root.
+
+    Left to itself, OpenSSL completes a chain that the certificate file does not give
+    from the trust store, root included.  The peer only trusts a root it holds already,
+    yet it parses the copy it is sent and keeps it for as long as the connection lasts:
+    4.5 KiB of a manager's memory per connected sensor (bench/tls_memory.py), some 500
+    octets and a certificate parse per handshake.  RFC 8446 (4.4.2) lets a trust anchor
+    be left out.  The intermediates are still sent, as before: a peer whose CA file
+    holds only the root needs them.
+    """
+    if material.chain:
+        return tuple(c for c in material.chain if not _self_signed(c))
+    sent: list[x509.Certificate] = []
+    current = material.certificate
+    while len(sent) < MAX_CHAIN and not _self_signed(current):
+        issuer = next((ca for ca in material.cas if ca not in sent and _issued(current, ca)), None)
+        if issuer is None or _self_signed(issuer):
+            break
+        sent.append(issuer)
+        current = issuer
+    return tuple(sent)
+
+
+def send_own_chain_only(context: SSL.Context) -> SSL.Context:
+    """
+    Make C{context}'s connections send their certificate and the chain they were given,
+    nothing OpenSSL would add from the trust store (see L{chain_to_send}).  Only before
+    the context's first connection: pyOpenSSL refuses a change after it.
+    """
+    context.set_mode(SSL_MODE_NO_AUTO_CHAIN)
+    return context
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _OwnChainOnly:
+    """
+    A Twisted client creator whose connections send only their own chain.
+
+    Twisted keeps a client creator's Context to itself, and pyOpenSSL lets no one change
+    a Context once a connection has been made from it, so the mode is set on each
+    connection, through the bindings pyOpenSSL itself uses (as L{session_reused} reads
+    its state).  Should they ever lack the call, the connection sends the root as
+    OpenSSL would: a waste of the peer's memory, not a failure.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator) -> None:
+        self.inner = inner
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = self.inner.clientConnectionForTLS(tlsProtocol)
+        try:
+            from OpenSSL._util import lib
+
+            lib.SSL_set_mode(connection._ssl, SSL_MODE_NO_AUTO_CHAIN)
+        except (ImportError, AttributeError):
+            pass
+        return connection
+
+
 def tls_profile() -> dict[str, Any]:
     """The TLS versions and suites of DESIGN.md section 4, shared by every listener and client (IAP and web)."""
     return {
@@ -127,15 +217,17 @@ def server_options(material: TLSMaterial) -> ssl.CertificateOptions:
     Sessions and tickets are on (draft 6.7): a full mutual-auth handshake costs about
     1.5 ms of server CPU, and sensors reconnect often.
     """
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, material.key_pem),
         certificate=to_pyopenssl(material.certificate),
-        extraCertChain=[to_pyopenssl(c) for c in material.chain] or None,
+        extraCertChain=[to_pyopenssl(c) for c in chain_to_send(material)] or None,
         trustRoot=trust_root(material),  # implies a required, verified client certificate
         enableSessions=True,
         enableSessionTickets=True,
         **tls_profile(),
     )
+    send_own_chain_only(options.getContext())  # Twisted keeps this Context and makes every connection from it
+    return options
 
 
 def client_options(material: TLSMaterial, manager_host: str) -> IOpenSSLClientConnectionCreator:
@@ -150,14 +242,15 @@ def client_options(material: TLSMaterial, manager_host: str) -> IOpenSSLClientCo
         ssl.KeyPair(crypto.load_privatekey(crypto.FILETYPE_PEM, material.key_pem)),
     )
     extra = tls_profile()
-    if material.chain:
-        extra["extraCertChain"] = [to_pyopenssl(c) for c in material.chain]
-    return ssl.optionsForClientTLS(
+    chain = chain_to_send(material)
+    if chain:
+        extra["extraCertChain"] = [to_pyopenssl(c) for c in chain]
+    return _OwnChainOnly(ssl.optionsForClientTLS(
         manager_host,
         trustRoot=trust_root(material),  # implies a required, verified client certificate
         clientCertificate=private,
         extraCertificateOptions=extra,
-    )
+    ))
 
 
 def peer_certificate(transport: Any) -> x509.Certificate | None:

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from iapd.client import SensorSettings
 from iapd.manager import ManagerFactory, ManagerSettings
 from iapd.store import SQLiteStore, read_alerts
-from iapd.tls import load_material
+from iapd.tls import TLSMaterial, load_material
 
 from .certs import TestPKI, make_test_pki
 
@@ -140,11 +140,12 @@ class ManagerTestCase(unittest.TestCase):
         yield self.start_manager(**self.settings_overrides)
 
     @inlineCallbacks
-    def start_manager(self, cert: str | None = None, **overrides: Any) -> Any:
-        crt, key = getattr(self.pki, cert or self.manager_cert)
-        settings = ManagerSettings(
-            identity="manager.test", material=load_material(crt, key, self.pki.ca), **overrides
-        )
+    def start_manager(self, cert: str | None = None, material: TLSMaterial | None = None, **overrides: Any) -> Any:
+        """A manager with the test PKI's certificate C{cert}, or with C{material}."""
+        if material is None:
+            crt, key = getattr(self.pki, cert or self.manager_cert)
+            material = load_material(crt, key, self.pki.ca)
+        settings = ManagerSettings(identity="manager.test", material=material, **overrides)
         self.store = SQLiteStore(self.db_path, reactor)
         yield self.store.open()
         self.addCleanup(self.store.close)

@@ -14,7 +14,15 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from ..config import ConfigError
-from ..tls import TLSSetupError, tls_profile, trust_root, to_pyopenssl, load_material
+from ..tls import (
+    TLSSetupError,
+    chain_to_send,
+    load_material,
+    send_own_chain_only,
+    tls_profile,
+    to_pyopenssl,
+    trust_root,
+)
 from .config import WebConfig
 
 
@@ -33,14 +41,14 @@ def web_tls_options(web: WebConfig, where: str) -> tuple[Any, Any]:
     options: dict[str, Any] = dict(
         privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, material.key_pem),
         certificate=to_pyopenssl(material.certificate),
-        extraCertChain=[to_pyopenssl(c) for c in material.chain] or None,
+        extraCertChain=[to_pyopenssl(c) for c in chain_to_send(material)] or None,
         **tls_profile(),
     )
     if web.client_certificates:
         options["trustRoot"] = trust_root(material)  # a verified client certificate is required
     made = ssl.CertificateOptions(**options)
     try:
-        made.getContext()  # made at first use otherwise: check everything now
+        send_own_chain_only(made.getContext())  # made at first use otherwise: check everything now
     except SSL.Error as e:
         raise ConfigError(f"{where}: web.tls: OpenSSL refuses it: {e}") from None
     return made, material

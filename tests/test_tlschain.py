@@ -1,0 +1,269 @@
+"""
+Which certificates each end of a handshake sends after its own (iapd.tls.chain_to_send).
+
+Left to itself, OpenSSL completes a missing chain from the trust store and sends the
+self-signed root with it; the manager then kept a parsed copy of the sensor's CA for as
+long as each sensor stayed connected (4.5 KiB each).  Now every end sends its
+certificate and the intermediates between it and a root, never the root: these tests
+look at what actually crossed real TLS, on both sides, with iap-pki's one-level PKI and
+with an intermediate CA given either in the certificate file or only in the CA file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+
+from iapd import pki
+from iapd.client import SensorSettings, deliver
+from iapd.roles import MANAGER_USAGES, SENSOR_USAGES
+from iapd.tls import MAX_CHAIN, TLSMaterial, chain_to_send, client_options, load_material
+from iapd.web.config import WebConfig, WebTLS
+from iapd.web.tlsweb import web_tls_options
+
+from .certs import make_test_pki
+from .support import IDEF, OK, SERVER_VERIFY, UPGRADE, VERIFY, ManagerTestCase, setup_bytes
+from .test_pki import handshake
+
+
+def _ca(name: str, signer: tuple[Any, x509.Certificate] | None = None, key: Any = None) -> tuple[Any, x509.Certificate]:
+    """A CA that may sign CAs below it: self-signed, or signed by C{signer} (key, cert).
+    iap-pki's own CA has a path length of 0 and signs leaves only."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_key, issuer_name = (key, subject) if signer is None else (signer[0], signer[1].subject)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(timezone.utc) - timedelta(hours=1))
+        .not_valid_after(datetime.now(timezone.utc) + timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if signer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer[0].public_key()), critical=False
+        )
+    return key, builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+class TwoLevelPKI:
+    """
+    root -> intermediate -> {manager.test, sensor1.test}, written as the files a user
+    of a company PKI would have: each leaf alone, with its intermediate, with its
+    intermediate and the root; CA files with the root alone and with both.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.root_key, self.root = _ca("iapd test root CA")
+        self.intermediate_key, self.intermediate = _ca("iapd test intermediate CA", (self.root_key, self.root))
+        self.leaf = {}
+        for stem, name, usages in (("manager", "manager.test", MANAGER_USAGES),
+                                   ("sensor", "sensor1.test", SENSOR_USAGES)):
+            key, cert = pki.make_certificate(self.intermediate_key, self.intermediate, name, usages)
+            self.leaf[stem] = cert
+            pki.write_pair(directory, stem, key, cert)
+            (directory / f"{stem}+intermediate.crt").write_bytes(_pem(cert, self.intermediate))
+            (directory / f"{stem}+intermediate+root.crt").write_bytes(_pem(cert, self.intermediate, self.root))
+        (directory / "root.crt").write_bytes(_pem(self.root))
+        (directory / "root+intermediate.crt").write_bytes(_pem(self.root, self.intermediate))
+
+    def material(self, stem: str, certificate_file: str, ca_file: str) -> TLSMaterial:
+        d = self.directory
+        return load_material(d / certificate_file, d / f"{stem}.key", d / ca_file)
+
+
+@pytest.fixture(scope="module")
+def two_level(tmp_path_factory: pytest.TempPathFactory) -> TwoLevelPKI:
+    return TwoLevelPKI(tmp_path_factory.mktemp("two-level"))
+
+
+# -- what is chosen ----------------------------------------------------------------------
+
+
+def test_iap_pki_sends_no_ca(tmp_path: Path) -> None:
+    """iap-pki's leaves are signed by the root itself: nothing goes after them."""
+    test_pki = make_test_pki(tmp_path)
+    assert chain_to_send(load_material(*test_pki.sensor, test_pki.ca)) == ()
+    assert chain_to_send(load_material(*test_pki.manager, test_pki.ca)) == ()
+
+
+@pytest.mark.parametrize("certificate_file, ca_file", [
+    ("sensor.crt", "root+intermediate.crt"),  # found in the CA file
+    ("sensor+intermediate.crt", "root.crt"),  # given in the certificate file
+    ("sensor+intermediate+root.crt", "root.crt"),  # given, root and all
+    ("sensor+intermediate+root.crt", "root+intermediate.crt"),
+])
+def test_intermediate_sent_root_never(two_level: TwoLevelPKI, certificate_file: str, ca_file: str) -> None:
+    assert chain_to_send(two_level.material("sensor", certificate_file, ca_file)) == (two_level.intermediate,)
+
+
+def test_issuer_not_in_ca_file(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """A sensor that trusts only the manager's CA, another than its own: its leaf alone."""
+    other = tmp_path / "other.crt"
+    other.write_bytes(_pem(_ca("another CA")[1]))
+    d = two_level.directory
+    assert chain_to_send(load_material(d / "sensor.crt", d / "sensor.key", other)) == ()
+
+
+def test_renewed_intermediate_of_the_same_name(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """Two CAs of one name in the CA file (a renewal): the leaf's key identifier picks
+    the one that signed it, whichever comes first."""
+    _, old = _ca("iapd test intermediate CA", (two_level.root_key, two_level.root))
+    cas = tmp_path / "cas.crt"
+    cas.write_bytes(_pem(two_level.root, old, two_level.intermediate))
+    d = two_level.directory
+    assert chain_to_send(load_material(d / "sensor.crt", d / "sensor.key", cas)) == (two_level.intermediate,)
+
+
+def test_ca_file_whose_cas_certify_each_other(tmp_path: Path) -> None:
+    """Two CAs cross-signed in a ring, neither self-signed: the search ends."""
+    a_key = ec.generate_private_key(ec.SECP256R1())
+    b_key = ec.generate_private_key(ec.SECP256R1())
+    _, b_self = _ca("ring CA B", key=b_key)
+    _, a = _ca("ring CA A", (b_key, b_self), key=a_key)
+    _, b = _ca("ring CA B", (a_key, a), key=b_key)
+    leaf_key, leaf = pki.make_certificate(a_key, a, "sensor1.test", SENSOR_USAGES)
+    crt, key = pki.write_pair(tmp_path, "sensor", leaf_key, leaf)
+    cas = tmp_path / "ring.crt"
+    cas.write_bytes(_pem(a, b))
+    assert chain_to_send(load_material(crt, key, cas)) == (a, b)
+
+
+def test_search_is_bounded(tmp_path: Path) -> None:
+    """A CA file holding a line of intermediates longer than any real PKI's: the
+    search stops after MAX_CHAIN of them."""
+    signer = _ca("line root")
+    cas = [signer[1]]
+    for i in range(MAX_CHAIN + 2):
+        signer = _ca(f"line CA {i}", signer)
+        cas.append(signer[1])
+    leaf_key, leaf = pki.make_certificate(signer[0], signer[1], "sensor1.test", SENSOR_USAGES)
+    crt, key = pki.write_pair(tmp_path, "sensor", leaf_key, leaf)
+    (tmp_path / "line.crt").write_bytes(_pem(*cas))
+    assert chain_to_send(load_material(crt, key, tmp_path / "line.crt")) == tuple(reversed(cas))[:MAX_CHAIN]
+
+
+# -- what crosses a real handshake -------------------------------------------------------
+
+
+class HandshakeChainTests(ManagerTestCase):
+    """A real manager on loopback, real TLS, real SQLite; each test starts its own."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.tmp = Path(self.mktemp())
+        self.tmp.mkdir(parents=True)
+        self.db_path = self.tmp / "alerts.db"
+        self.two_level = TwoLevelPKI(self.tmp)
+        yield None
+
+    @inlineCallbacks
+    def data_phase(self, material: TLSMaterial) -> Any:
+        """A sensor with C{material} taken through setup, TLS and both verifies; the
+        OpenSSL connections of both ends."""
+        peer = yield self.raw_peer()
+        peer.transport.write(setup_bytes())
+        yield peer.until_contains(OK)
+        peer.take()
+        peer.transport.write(UPGRADE)
+        yield peer.until_contains(b"IAP/0.2 101\r\n\r\n")
+        peer.take()
+        peer.transport.startTLS(client_options(material, "manager.test"))
+        peer.transport.write(VERIFY)
+        yield peer.until_contains(OK + SERVER_VERIFY)
+        [manager_side] = [p.transport.getHandle() for p in self.factory.connections]
+        return peer.transport.getHandle(), manager_side
+
+    @staticmethod
+    def names(chain: Any) -> list[str]:
+        return [c.to_cryptography().subject.rfc4514_string() for c in chain or []]
+
+    @inlineCallbacks
+    def test_iap_pki_each_end_sends_its_certificate_alone(self) -> Any:
+        yield self.start_manager()
+        sensor_side, manager_side = yield self.data_phase(load_material(*self.pki.sensor, self.pki.ca))
+        # the server's peer chain leaves out the leaf (OpenSSL): the sensor's CA was there
+        self.assertEqual(self.names(manager_side.get_peer_cert_chain()), [])
+        self.assertEqual(manager_side.get_peer_certificate().to_cryptography().subject.rfc4514_string(),
+                         "CN=sensor1.test")
+        self.assertEqual(self.names(sensor_side.get_peer_cert_chain()), ["CN=manager.test"])
+
+    @inlineCallbacks
+    def test_intermediates_cross_without_the_root(self) -> Any:
+        """
+        The manager trusts the root alone and has its intermediate in its certificate
+        file, the root too; the sensor trusts the root and the intermediate and has its
+        leaf alone.  Each verifies the other only if the intermediate crossed, and the
+        root crossed neither way.  Then an alert is delivered as the sensor daemon
+        delivers it, and stored.
+        """
+        t = self.two_level
+        yield self.start_manager(material=t.material("manager", "manager+intermediate+root.crt", "root.crt"))
+        sensor = t.material("sensor", "sensor.crt", "root+intermediate.crt")
+        sensor_side, manager_side = yield self.data_phase(sensor)
+        intermediate = "CN=iapd test intermediate CA"
+        self.assertEqual(self.names(manager_side.get_peer_cert_chain()), [intermediate])
+        self.assertEqual(self.names(sensor_side.get_peer_cert_chain()), ["CN=manager.test", intermediate])
+
+        outcomes = yield deliver(reactor, self.endpoint(), SensorSettings(manager="manager.test", material=sensor),
+                                 [(IDEF, b"through an intermediate")])
+        self.assertEqual([o.code for o in outcomes], [200])
+        self.assertEqual([a["body"] for a in self.stored()], [b"through an intermediate"])
+
+    @inlineCallbacks
+    def test_no_intermediate_no_handshake(self) -> Any:
+        """The control: a sensor whose files do not hold the intermediate is refused by
+        a manager that trusts only the root, and nothing is stored."""
+        t = self.two_level
+        yield self.start_manager(material=t.material("manager", "manager+intermediate.crt", "root.crt"))
+
+        sensor = t.material("sensor", "sensor.crt", "root.crt")
+        self.assertEqual(chain_to_send(sensor), ())
+        outcomes = yield deliver(reactor, self.endpoint(), SensorSettings(manager="manager.test", material=sensor),
+                                 [(IDEF, b"never stored")])
+        self.assertNotEqual([o.code for o in outcomes], [200])
+        self.assertEqual(self.stored(), [])
+
+
+def test_dashboard_sends_no_root() -> None:
+    """The dashboard's HTTPS with client certificates (its trust store is the CA file)
+    sends its own certificate alone, like the IAP listener."""
+    with tempfile.TemporaryDirectory() as d:
+        test_pki = make_test_pki(Path(d))
+        crt, key = test_pki.manager
+        options, _ = web_tls_options(
+            WebConfig(listen="tcp:0", tls=WebTLS(crt, key, test_pki.ca), client_certificates=("*",)), "test"
+        )
+        server = SSL.Connection(options.getContext(), None)
+        server.set_accept_state()
+        client_context = SSL.Context(SSL.TLS_METHOD)
+        client_context.load_verify_locations(str(test_pki.ca))
+        client_context.use_certificate_file(str(test_pki.sensor[0]))
+        client_context.use_privatekey_file(str(test_pki.sensor[1]))
+        client = SSL.Connection(client_context, None)
+        client.set_connect_state()
+        handshake(client, server)
+        assert [c.to_cryptography().subject.rfc4514_string() for c in client.get_peer_cert_chain()] == [
+            "CN=manager.test"
+        ]
