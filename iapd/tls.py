@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from .roles import IAP_ALERT_CONSUMER, has_role, identity_of
@@ -34,8 +35,10 @@ SSL_MODE_NO_AUTO_CHAIN = 0x8
 """OpenSSL's ssl.h value (the same since 1.0.2); pyOpenSSL names no constant for it."""
 
 MAX_CHAIN = 8
-"""CA certificates looked for above our own before giving up: a CA file whose CAs
-certify one another in a ring must not make the search endless."""
+"""CA certificates sent above our own at most: deeper than any real PKI, and a bound on
+the search through a CA file that holds a long line of CAs."""
+
+log = Logger()
 
 
 class TLSSetupError(Exception):
@@ -127,34 +130,39 @@ def _self_signed(cert: x509.Certificate) -> bool:
 def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """
     Whether C{ca} looks like the issuer of C{cert}: same name, and the same key
-    identifier where both certificates carry one.  A guess, not a verification: the
-    peer verifies what it is sent, and a wrong guess only sends it a useless CA.
+    identifier where both certificates carry one and they can be read.  A guess, not a
+    verification, for when OpenSSL finds no chain: the peer verifies what it is sent.
     """
     if ca.subject != cert.issuer:
         return False
     try:
         wanted = extensions(cert).get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
         held = extensions(ca).get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except (x509.ExtensionNotFound, ValueError):
+    except Exception:  # absent, or extensions this cryptography cannot parse: names alone
         return True
     return wanted is None or wanted == held
 
 
-def chain_to_send(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
+def _built_chain(material: TLSMaterial) -> tuple[x509.Certificate, ...] | None:
     """
-    The CA certificates a handshake sends after our own: those of the certificate file,
-    else the CAs between ours and a root found in the CA file; never a self-signed root.
+    The CAs above our certificate as OpenSSL chains it to a root of the CA file, by
+    signature and preferring CAs valid now (an expired copy of a renewed CA listed
+    first is passed over), as its own automatic chain did; None where it finds no
+    chain (our certificate expired, or the CA file holds the other end's CA only).
+    """
+    try:
+        store = crypto.X509Store()
+        for ca in material.cas:
+            store.add_cert(to_pyopenssl(ca))
+        chain = crypto.X509StoreContext(store, to_pyopenssl(material.certificate)).get_verified_chain()
+        return tuple(c for c in (x.to_cryptography() for x in chain[1:]) if not _self_signed(c))[:MAX_CHAIN]
+    except Exception:
+        return None
 
-    Left to itself, OpenSSL completes a chain that the certificate file does not give
-    from the trust store, root included.  The peer only trusts a root it holds already,
-    yet it parses the copy it is sent and keeps it for as long as the connection lasts:
-    4.5 KiB of a manager's memory per connected sensor (bench/tls_memory.py), some 500
-    octets and a certificate parse per handshake.  RFC 8446 (4.4.2) lets a trust anchor
-    be left out.  The intermediates are still sent, as before: a peer whose CA file
-    holds only the root needs them.
-    """
-    if material.chain:
-        return tuple(c for c in material.chain if not _self_signed(c))
+
+def _named_chain(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
+    """The CAs above our certificate in the CA file, found by issuer name (L{_issued})
+    up to a self-signed one or one not there."""
     sent: list[x509.Certificate] = []
     current = material.certificate
     while len(sent) < MAX_CHAIN and not _self_signed(current):
@@ -164,6 +172,28 @@ def chain_to_send(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
         sent.append(issuer)
         current = issuer
     return tuple(sent)
+
+
+def chain_to_send(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
+    """
+    The CA certificates a handshake sends after our own: those that follow it in the
+    certificate file, else the CAs between it and a root of the CA file; never a
+    self-signed root.  Never raises: at worst it sends less than the peer needs, and
+    the peer says so in its handshake error.
+
+    Left to itself, OpenSSL completes a chain that the certificate file does not give
+    from the trust store, root included.  The peer only trusts a root it holds already,
+    yet it parses the copy it is sent and keeps it for as long as the connection lasts:
+    4.5 KiB of a manager's memory per connected sensor (bench/tls_memory.py), some 500
+    octets and a certificate parse per handshake.  RFC 8446 (4.4.2) lets a trust anchor
+    be left out.  The intermediates are still sent, as before: a peer whose CA file
+    holds only the root needs them.
+    """
+    given = tuple(c for c in material.chain if not _self_signed(c))
+    if given:
+        return given
+    built = _built_chain(material)
+    return built if built is not None else _named_chain(material)
 
 
 def send_own_chain_only(context: SSL.Context) -> SSL.Context:
@@ -185,8 +215,10 @@ class _OwnChainOnly:
     a Context once a connection has been made from it, so the mode is set on each
     connection, through the bindings pyOpenSSL itself uses (as L{session_reused} reads
     its state).  Should they ever lack the call, the connection sends the root as
-    OpenSSL would: a waste of the peer's memory, not a failure.
+    OpenSSL would, a waste of the peer's memory, not a failure, and the log says so once.
     """
+
+    warned = False
 
     def __init__(self, inner: IOpenSSLClientConnectionCreator) -> None:
         self.inner = inner
@@ -197,8 +229,11 @@ class _OwnChainOnly:
             from OpenSSL._util import lib
 
             lib.SSL_set_mode(connection._ssl, SSL_MODE_NO_AUTO_CHAIN)
-        except (ImportError, AttributeError):
-            pass
+        except (ImportError, AttributeError) as e:
+            if not _OwnChainOnly.warned:
+                _OwnChainOnly.warned = True
+                log.warn("this pyOpenSSL cannot set a connection's mode ({why}): handshakes send the CA"
+                         " certificate too, which costs the manager memory, nothing else", why=str(e))
         return connection
 
 

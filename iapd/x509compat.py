@@ -14,8 +14,9 @@ What the fallbacks do:
   ==========================  =====================================================
   role OID constants          L{DottedOID}: a hashable stand-in with C{dotted_string}
   Certificate.extensions      L{extensions}: read from the DER of the TBSCertificate;
-                              only EKU, SAN (DNS names), basic constraints and key
-                              usage are decoded, as L{iapd.roles} needs nothing else
+                              only EKU, SAN (DNS names), basic constraints, key
+                              usage and the key identifiers are decoded, as
+                              L{iapd.roles} and L{iapd.tls} need nothing else
   ExtendedKeyUsage(...)       L{extended_key_usage}: the EKU extension DER-encoded by
                               hand, as an UnrecognizedExtension under the EKU OID
   load_pem_x509_certificates  L{load_pem_certificates} (cryptography >= 39)
@@ -166,6 +167,11 @@ def _value(oid_string: str, der: bytes) -> Any:
         if not flags["key_agreement"]:
             flags["encipher_only"] = flags["decipher_only"] = False
         return x509.KeyUsage(**flags)
+    if oid_string == ExtensionOID.SUBJECT_KEY_IDENTIFIER.dotted_string and tag == 0x04:
+        return x509.SubjectKeyIdentifier(der[start:end])
+    if oid_string == ExtensionOID.AUTHORITY_KEY_IDENTIFIER.dotted_string:
+        key_id = next((der[s:e] for t, s, e in _children(der, start, end) if t == 0x80), None)
+        return x509.AuthorityKeyIdentifier(key_id, None, None)
     return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid_string), der)
 
 

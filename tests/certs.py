@@ -5,6 +5,9 @@ Not a test module.  Call L{make_test_pki} once per test class (it takes a few
 milliseconds: ECDSA keys) with a temporary directory; every certificate/key pair is a
 C{(crt, key)} tuple of paths.  The good ones come from L{iapd.pki.issue}, the path users
 take; the wrong ones from L{iapd.pki.make_certificate}, one defect each.
+L{TwoLevelPKI} has an intermediate CA, as company PKIs do, and L{handshake} drives two
+pyOpenSSL connections through memory BIOs.  No pytest here: tests/chaincheck.py imports
+this module under Debian's interpreter, which has none.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import ObjectIdentifier
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from OpenSSL import SSL
 
 from iapd import pki
 from iapd.roles import IAP_ALERT_GENERATOR, MANAGER_USAGES, SENSOR_USAGES
+from iapd.tls import TLSMaterial, load_material
 
 Pair = tuple[Path, Path]
 Usages = Sequence[ObjectIdentifier]
@@ -136,3 +141,88 @@ def make_test_pki(directory: Path) -> TestPKI:
         manager_other_ca=rogue("manager_other_ca", "manager.test", MANAGER_USAGES),
         manager_wrong_name=pki.issue(directory, "manager", "other-manager.test"),
     )
+
+
+def make_ca(name: str, signer: tuple[Any, x509.Certificate] | None = None, key: Any = None,
+        expired: bool = False) -> tuple[Any, x509.Certificate]:
+    """A CA that may sign CAs below it: self-signed, or signed by C{signer} (key, cert).
+    iap-pki's own CA has a path length of 0 and signs leaves only."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_key, issuer_name = (key, subject) if signer is None else (signer[0], signer[1].subject)
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=30 if expired else 0, hours=1))
+        .not_valid_after(now - timedelta(days=1) if expired else now + timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if signer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer[0].public_key()), critical=False
+        )
+    return key, builder.sign(issuer_key, hashes.SHA256())
+
+
+def pem(*certs: x509.Certificate) -> bytes:
+    """Certificates as one PEM file holds them."""
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+class TwoLevelPKI:
+    """
+    root -> intermediate -> {manager.test, sensor1.test}, written as the files a user
+    of a company PKI would have: each leaf alone, with its intermediate, with its
+    intermediate and the root; CA files with the root alone and with both.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.root_key, self.root = make_ca("iapd test root CA")
+        self.intermediate_key, self.intermediate = make_ca("iapd test intermediate CA", (self.root_key, self.root))
+        self.leaf: dict[str, x509.Certificate] = {}
+        for stem, name, usages in (("manager", "manager.test", MANAGER_USAGES),
+                                   ("sensor", "sensor1.test", SENSOR_USAGES)):
+            key, cert = pki.make_certificate(self.intermediate_key, self.intermediate, name, usages)
+            self.leaf[stem] = cert
+            pki.write_pair(directory, stem, key, cert)
+            (directory / f"{stem}+intermediate.crt").write_bytes(pem(cert, self.intermediate))
+            (directory / f"{stem}+intermediate+root.crt").write_bytes(pem(cert, self.intermediate, self.root))
+            (directory / f"{stem}+root.crt").write_bytes(pem(cert, self.root))
+        (directory / "root.crt").write_bytes(pem(self.root))
+        (directory / "root+intermediate.crt").write_bytes(pem(self.root, self.intermediate))
+
+    def material(self, stem: str, certificate_file: str, ca_file: str) -> TLSMaterial:
+        """C{stem}'s key with the certificate file and CA file named."""
+        d = self.directory
+        return load_material(d / certificate_file, d / f"{stem}.key", d / ca_file)
+
+
+def handshake(client: SSL.Connection, server: SSL.Connection) -> None:
+    """Drive both handshakes to the end, shuttling bytes between the memory BIOs."""
+
+    def pump(source: SSL.Connection, sink: SSL.Connection) -> bool:
+        try:
+            data = source.bio_read(65536)
+        except SSL.WantReadError:
+            return False
+        sink.bio_write(data)
+        return True
+
+    for _ in range(20):
+        finished = True
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                finished = False
+        moved = pump(client, server) | pump(server, client)
+        if finished and not moved:
+            return
+    raise AssertionError("handshake did not finish")

@@ -33,7 +33,7 @@ from iapd.roles import (
     identity_of,
 )
 
-from .certs import make_test_pki
+from .certs import handshake, make_test_pki
 
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
@@ -426,30 +426,6 @@ def tls_context(ca: Path, cert: Path, key: Path, errors: list[int],
     ctx.check_privatekey()
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, record)
     return ctx
-
-
-def handshake(client: SSL.Connection, server: SSL.Connection) -> None:
-    """Drive both handshakes to the end, shuttling bytes between the memory BIOs."""
-
-    def pump(source: SSL.Connection, sink: SSL.Connection) -> bool:
-        try:
-            data = source.bio_read(65536)
-        except SSL.WantReadError:
-            return False
-        sink.bio_write(data)
-        return True
-
-    for _ in range(20):
-        finished = True
-        for conn in (client, server):
-            try:
-                conn.do_handshake()
-            except SSL.WantReadError:
-                finished = False
-        moved = pump(client, server) | pump(server, client)
-        if finished and not moved:
-            return
-    raise AssertionError("handshake did not finish")
 
 
 def pair(ca: Path, sensor: tuple[Path, Path], manager: tuple[Path, Path],

@@ -11,86 +11,31 @@ with an intermediate CA given either in the certificate file or only in the CA f
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import attr
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
 from iapd import pki
 from iapd.client import SensorSettings, deliver
-from iapd.roles import MANAGER_USAGES, SENSOR_USAGES
+from iapd.roles import SENSOR_USAGES
 from iapd.tls import MAX_CHAIN, TLSMaterial, chain_to_send, client_options, load_material
 from iapd.web.config import WebConfig, WebTLS
 from iapd.web.tlsweb import web_tls_options
 
-from .certs import make_test_pki
+from .certs import TwoLevelPKI, handshake, make_ca, make_test_pki, pem
 from .support import IDEF, OK, SERVER_VERIFY, UPGRADE, VERIFY, ManagerTestCase, setup_bytes
-from .test_pki import handshake
-
-
-def _ca(name: str, signer: tuple[Any, x509.Certificate] | None = None, key: Any = None) -> tuple[Any, x509.Certificate]:
-    """A CA that may sign CAs below it: self-signed, or signed by C{signer} (key, cert).
-    iap-pki's own CA has a path length of 0 and signs leaves only."""
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_key, issuer_name = (key, subject) if signer is None else (signer[0], signer[1].subject)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.now(timezone.utc) - timedelta(hours=1))
-        .not_valid_after(datetime.now(timezone.utc) + timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    if signer is not None:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer[0].public_key()), critical=False
-        )
-    return key, builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-class TwoLevelPKI:
-    """
-    root -> intermediate -> {manager.test, sensor1.test}, written as the files a user
-    of a company PKI would have: each leaf alone, with its intermediate, with its
-    intermediate and the root; CA files with the root alone and with both.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.root_key, self.root = _ca("iapd test root CA")
-        self.intermediate_key, self.intermediate = _ca("iapd test intermediate CA", (self.root_key, self.root))
-        self.leaf = {}
-        for stem, name, usages in (("manager", "manager.test", MANAGER_USAGES),
-                                   ("sensor", "sensor1.test", SENSOR_USAGES)):
-            key, cert = pki.make_certificate(self.intermediate_key, self.intermediate, name, usages)
-            self.leaf[stem] = cert
-            pki.write_pair(directory, stem, key, cert)
-            (directory / f"{stem}+intermediate.crt").write_bytes(_pem(cert, self.intermediate))
-            (directory / f"{stem}+intermediate+root.crt").write_bytes(_pem(cert, self.intermediate, self.root))
-        (directory / "root.crt").write_bytes(_pem(self.root))
-        (directory / "root+intermediate.crt").write_bytes(_pem(self.root, self.intermediate))
-
-    def material(self, stem: str, certificate_file: str, ca_file: str) -> TLSMaterial:
-        d = self.directory
-        return load_material(d / certificate_file, d / f"{stem}.key", d / ca_file)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +46,7 @@ def two_level(tmp_path_factory: pytest.TempPathFactory) -> TwoLevelPKI:
 # -- what is chosen ----------------------------------------------------------------------
 
 
-def test_iap_pki_sends_no_ca(tmp_path: Path) -> None:
+def test_iap_pki_sends_nomake_ca(tmp_path: Path) -> None:
     """iap-pki's leaves are signed by the root itself: nothing goes after them."""
     test_pki = make_test_pki(tmp_path)
     assert chain_to_send(load_material(*test_pki.sensor, test_pki.ca)) == ()
@@ -113,6 +58,7 @@ def test_iap_pki_sends_no_ca(tmp_path: Path) -> None:
     ("sensor+intermediate.crt", "root.crt"),  # given in the certificate file
     ("sensor+intermediate+root.crt", "root.crt"),  # given, root and all
     ("sensor+intermediate+root.crt", "root+intermediate.crt"),
+    ("sensor+root.crt", "root+intermediate.crt"),  # a file chain of the root alone: the CA file's
 ])
 def test_intermediate_sent_root_never(two_level: TwoLevelPKI, certificate_file: str, ca_file: str) -> None:
     assert chain_to_send(two_level.material("sensor", certificate_file, ca_file)) == (two_level.intermediate,)
@@ -121,46 +67,67 @@ def test_intermediate_sent_root_never(two_level: TwoLevelPKI, certificate_file: 
 def test_issuer_not_in_ca_file(two_level: TwoLevelPKI, tmp_path: Path) -> None:
     """A sensor that trusts only the manager's CA, another than its own: its leaf alone."""
     other = tmp_path / "other.crt"
-    other.write_bytes(_pem(_ca("another CA")[1]))
+    other.write_bytes(pem(make_ca("another CA")[1]))
     d = two_level.directory
     assert chain_to_send(load_material(d / "sensor.crt", d / "sensor.key", other)) == ()
 
 
-def test_renewed_intermediate_of_the_same_name(two_level: TwoLevelPKI, tmp_path: Path) -> None:
-    """Two CAs of one name in the CA file (a renewal): the leaf's key identifier picks
-    the one that signed it, whichever comes first."""
-    _, old = _ca("iapd test intermediate CA", (two_level.root_key, two_level.root))
-    cas = tmp_path / "cas.crt"
-    cas.write_bytes(_pem(two_level.root, old, two_level.intermediate))
+def _with_cas(two_level: TwoLevelPKI, tmp_path: Path, *cas: x509.Certificate) -> TLSMaterial:
+    (tmp_path / "cas.crt").write_bytes(pem(*cas))
     d = two_level.directory
-    assert chain_to_send(load_material(d / "sensor.crt", d / "sensor.key", cas)) == (two_level.intermediate,)
+    return load_material(d / "sensor.crt", d / "sensor.key", tmp_path / "cas.crt")
+
+
+def test_renewed_intermediate_of_the_same_name(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """Two CAs of one name in the CA file, the one that did not sign the leaf first:
+    the one that did is sent (OpenSSL's chain, by signature)."""
+    _, other = make_ca("iapd test intermediate CA", (two_level.root_key, two_level.root))
+    material = _with_cas(two_level, tmp_path, two_level.root, other, two_level.intermediate)
+    assert chain_to_send(material) == (two_level.intermediate,)
+
+
+def test_expired_copy_of_the_intermediate_listed_first(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """The intermediate renewed with the same key, its expired certificate still first
+    in the CA file: the valid one is sent, as OpenSSL's own chain did."""
+    _, expired = make_ca("iapd test intermediate CA", (two_level.root_key, two_level.root),
+                     key=two_level.intermediate_key, expired=True)
+    material = _with_cas(two_level, tmp_path, two_level.root, expired, two_level.intermediate)
+    assert chain_to_send(material) == (two_level.intermediate,)
+
+
+def test_no_root_in_the_ca_file_key_identifiers_choose(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """A CA file with intermediates but no root: OpenSSL finds no chain, and of two CAs
+    with the issuer's name the one whose key identifier the leaf names is sent."""
+    _, other = make_ca("iapd test intermediate CA", (two_level.root_key, two_level.root))
+    material = _with_cas(two_level, tmp_path, other, two_level.intermediate)
+    assert chain_to_send(material) == (two_level.intermediate,)
 
 
 def test_ca_file_whose_cas_certify_each_other(tmp_path: Path) -> None:
     """Two CAs cross-signed in a ring, neither self-signed: the search ends."""
     a_key = ec.generate_private_key(ec.SECP256R1())
     b_key = ec.generate_private_key(ec.SECP256R1())
-    _, b_self = _ca("ring CA B", key=b_key)
-    _, a = _ca("ring CA A", (b_key, b_self), key=a_key)
-    _, b = _ca("ring CA B", (a_key, a), key=b_key)
+    _, b_self = make_ca("ring CA B", key=b_key)
+    _, a = make_ca("ring CA A", (b_key, b_self), key=a_key)
+    _, b = make_ca("ring CA B", (a_key, a), key=b_key)
     leaf_key, leaf = pki.make_certificate(a_key, a, "sensor1.test", SENSOR_USAGES)
     crt, key = pki.write_pair(tmp_path, "sensor", leaf_key, leaf)
     cas = tmp_path / "ring.crt"
-    cas.write_bytes(_pem(a, b))
+    cas.write_bytes(pem(a, b))
     assert chain_to_send(load_material(crt, key, cas)) == (a, b)
 
 
 def test_search_is_bounded(tmp_path: Path) -> None:
     """A CA file holding a line of intermediates longer than any real PKI's: the
     search stops after MAX_CHAIN of them."""
-    signer = _ca("line root")
+    signer = make_ca("line root")
     cas = [signer[1]]
     for i in range(MAX_CHAIN + 2):
-        signer = _ca(f"line CA {i}", signer)
+        signer = make_ca(f"line CA {i}", signer)
         cas.append(signer[1])
     leaf_key, leaf = pki.make_certificate(signer[0], signer[1], "sensor1.test", SENSOR_USAGES)
     crt, key = pki.write_pair(tmp_path, "sensor", leaf_key, leaf)
-    (tmp_path / "line.crt").write_bytes(_pem(*cas))
+    (tmp_path / "line.crt").write_bytes(pem(*cas))
     assert chain_to_send(load_material(crt, key, tmp_path / "line.crt")) == tuple(reversed(cas))[:MAX_CHAIN]
 
 
@@ -179,9 +146,9 @@ class HandshakeChainTests(ManagerTestCase):
         yield None
 
     @inlineCallbacks
-    def data_phase(self, material: TLSMaterial) -> Any:
+    def data_phase(self, material: TLSMaterial, connections: int = 1) -> Any:
         """A sensor with C{material} taken through setup, TLS and both verifies; the
-        OpenSSL connections of both ends."""
+        OpenSSL connections of both ends (the manager's newest of C{connections})."""
         peer = yield self.raw_peer()
         peer.transport.write(setup_bytes())
         yield peer.until_contains(OK)
@@ -192,7 +159,9 @@ class HandshakeChainTests(ManagerTestCase):
         peer.transport.startTLS(client_options(material, "manager.test"))
         peer.transport.write(VERIFY)
         yield peer.until_contains(OK + SERVER_VERIFY)
-        [manager_side] = [p.transport.getHandle() for p in self.factory.connections]
+        self.assertEqual(len(self.factory.connections), connections)
+        newest = max(self.factory.connections, key=lambda p: p.conn_id)
+        manager_side = newest.transport.getHandle()
         return peer.transport.getHandle(), manager_side
 
     @staticmethod
@@ -232,6 +201,21 @@ class HandshakeChainTests(ManagerTestCase):
         self.assertEqual([a["body"] for a in self.stored()], [b"through an intermediate"])
 
     @inlineCallbacks
+    def test_after_a_reload(self) -> Any:
+        """A manager reloaded onto a certificate under an intermediate sends it from
+        the next connection on, and not the root."""
+        yield self.start_manager()
+        yield self.data_phase(load_material(*self.pki.sensor, self.pki.ca))
+        t = self.two_level
+        self.factory.reload(attr.evolve(self.factory.settings, material=t.material(
+            "manager", "manager.crt", "root+intermediate.crt")))
+        sensor_side, manager_side = yield self.data_phase(t.material("sensor", "sensor+intermediate.crt", "root.crt"),
+                                                          connections=2)
+        intermediate = "CN=iapd test intermediate CA"
+        self.assertEqual(self.names(sensor_side.get_peer_cert_chain()), ["CN=manager.test", intermediate])
+        self.assertEqual(self.names(manager_side.get_peer_cert_chain()), [intermediate])
+
+    @inlineCallbacks
     def test_no_intermediate_no_handshake(self) -> Any:
         """The control: a sensor whose files do not hold the intermediate is refused by
         a manager that trusts only the root, and nothing is stored."""
@@ -267,3 +251,42 @@ def test_dashboard_sends_no_root() -> None:
         assert [c.to_cryptography().subject.rfc4514_string() for c in client.get_peer_cert_chain()] == [
             "CN=manager.test"
         ]
+
+
+# -- the same choices on Debian's stack --------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DEBIAN_PYTHON = "/usr/bin/python3"
+CHOSEN = {
+    "sent": {"iap-pki": [], "renewed, other first": ["intermediate"], "expired copy first": ["intermediate"],
+             "no root, other first": ["intermediate"]},
+    "received": {"iap-pki": {"manager": [], "sensor": []},
+                 "intermediate": {"manager": ["intermediate"], "sensor": ["intermediate"]}},
+}
+
+
+def _chaincheck(python: str) -> Any:
+    done = subprocess.run([python, "-m", "tests.chaincheck"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_choices_on_this_stack() -> None:
+    assert _chaincheck(sys.executable) == CHOSEN
+
+
+def test_choices_on_debians_stack() -> None:
+    """
+    Under Debian's interpreter and libraries, as the .deb runs: cryptography 38 reads
+    the key identifiers through iapd.x509compat's own parser (the role OIDs defeat its
+    own), and pyOpenSSL 23 and Twisted 22.4 make the connections.
+    """
+    probe = subprocess.run([DEBIAN_PYTHON, "-c", "import attr, cryptography, OpenSSL, twisted, service_identity"],
+                           capture_output=True, text=True, timeout=60) if Path(DEBIAN_PYTHON).exists() else None
+    if probe is None or probe.returncode != 0:
+        problem = f"{DEBIAN_PYTHON} lacks the .deb's libraries (.ci/run installs them)"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    assert _chaincheck(DEBIAN_PYTHON) == CHOSEN

@@ -38,7 +38,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, x509.Cer
 
 
 def _summary(exts: x509.Extensions) -> dict[str, object]:
-    # What iapd.roles reads, in a form both parsers can be compared on.
+    # What iapd.roles and iapd.tls read, in a form both parsers can be compared on.
     out: dict[str, object] = {"oids": sorted(e.oid.dotted_string for e in exts)}
     for ext in exts:
         value = ext.value
@@ -51,6 +51,10 @@ def _summary(exts: x509.Extensions) -> dict[str, object]:
         elif isinstance(value, x509.KeyUsage):
             flags = [getattr(value, n) for n in x509compat._KEY_USAGE_BITS[:7]]
             out["key_usage"] = (ext.critical, flags)
+        elif isinstance(value, x509.SubjectKeyIdentifier):  # iapd.tls chooses the CAs it sends by these
+            out["ski"] = (ext.critical, value.digest)
+        elif isinstance(value, x509.AuthorityKeyIdentifier):
+            out["aki"] = (ext.critical, value.key_identifier)
     return out
 
 
