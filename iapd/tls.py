@@ -35,8 +35,8 @@ SSL_MODE_NO_AUTO_CHAIN = 0x8
 """OpenSSL's ssl.h value (the same since 1.0.2); pyOpenSSL names no constant for it."""
 
 MAX_CHAIN = 8
-"""CA certificates sent above our own at most: deeper than any real PKI, and a bound on
-the search through a CA file that holds a long line of CAs."""
+"""CAs the search by name through a CA file goes up at most, when OpenSSL finds no
+chain: deeper than any real PKI, and a bound on a file that holds a long line of CAs."""
 
 log = Logger()
 
@@ -123,8 +123,29 @@ def trust_root(material: TLSMaterial) -> Any:
     )
 
 
+def _key_ids(cert: x509.Certificate) -> tuple[bytes | None, bytes | None]:
+    """(authority key identifier, subject key identifier) of C{cert}; None where
+    absent or unreadable."""
+    try:
+        found = extensions(cert)
+    except Exception:
+        return None, None
+    ids: list[bytes | None] = []
+    for kind, field in ((x509.AuthorityKeyIdentifier, "key_identifier"), (x509.SubjectKeyIdentifier, "digest")):
+        try:
+            ids.append(getattr(found.get_extension_for_class(kind).value, field))
+        except Exception:
+            ids.append(None)
+    return ids[0], ids[1]
+
+
 def _self_signed(cert: x509.Certificate) -> bool:
-    return cert.subject == cert.issuer
+    """A root: issued by itself under its own key.  A key-rollover certificate names
+    its own subject as issuer too, but under the other key's identifier: it is sent."""
+    if cert.subject != cert.issuer:
+        return False
+    authority, subject = _key_ids(cert)
+    return authority is None or subject is None or authority == subject
 
 
 def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
@@ -135,42 +156,67 @@ def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """
     if ca.subject != cert.issuer:
         return False
-    try:
-        wanted = extensions(cert).get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-        held = extensions(ca).get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except Exception:  # absent, or extensions this cryptography cannot parse: names alone
-        return True
-    return wanted is None or wanted == held
+    wanted, held = _key_ids(cert)[0], _key_ids(ca)[1]
+    return wanted is None or held is None or wanted == held
+
+
+def _preferred(candidates: list[x509.Certificate]) -> list[x509.Certificate]:
+    """C{candidates}, those valid now first, then those that last longest: what
+    OpenSSL prefers among a certificate's possible issuers."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return sorted(candidates, reverse=True,
+                  key=lambda c: (not_valid_before(c) <= now <= not_valid_after(c), not_valid_after(c)))
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _longest_lived(ca: x509.Certificate, cas: tuple[x509.Certificate, ...]) -> x509.Certificate:
+    """
+    Of C{ca} and its copies in C{cas} (same name, same key: a CA certificate renewed),
+    the one valid now that lasts longest.  The chain is chosen when the files are read
+    (start and SIGHUP), not at each handshake as OpenSSL's own chain was: of a
+    short-lived and a long-lived copy, the short one must not be sent after it expires.
+    """
+    copies = [c for c in cas if c.subject == ca.subject and _spki(c) == _spki(ca)]
+    return _preferred([ca, *copies])[0]
 
 
 def _built_chain(material: TLSMaterial) -> tuple[x509.Certificate, ...] | None:
     """
-    The CAs above our certificate as OpenSSL chains it to a root of the CA file, by
-    signature and preferring CAs valid now (an expired copy of a renewed CA listed
-    first is passed over), as its own automatic chain did; None where it finds no
-    chain (our certificate expired, or the CA file holds the other end's CA only).
+    The CAs above our certificate as OpenSSL's verification chains it to a root of the
+    CA file (by name, key identifier and validity, as its own automatic chain did);
+    None where it finds no chain (our certificate expired, or the CA file holds the
+    other end's CA only).
     """
     try:
         store = crypto.X509Store()
         for ca in material.cas:
             store.add_cert(to_pyopenssl(ca))
         chain = crypto.X509StoreContext(store, to_pyopenssl(material.certificate)).get_verified_chain()
-        return tuple(c for c in (x.to_cryptography() for x in chain[1:]) if not _self_signed(c))[:MAX_CHAIN]
-    except Exception:
+    except crypto.X509StoreContextError:
         return None
+    except Exception:
+        log.failure("cannot have OpenSSL chain {subject} to the CA file; choosing its CAs by name",
+                    subject=material.certificate.subject.rfc4514_string())
+        return None
+    above = [x.to_cryptography() for x in chain[1:]]
+    return tuple(_longest_lived(c, material.cas) for c in above if not _self_signed(c))
 
 
 def _named_chain(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
-    """The CAs above our certificate in the CA file, found by issuer name (L{_issued})
-    up to a self-signed one or one not there."""
+    """The CAs above our certificate in the CA file, found by issuer name (L{_issued}),
+    up to a self-signed one or one not there; of several candidates the one OpenSSL
+    would prefer (L{_preferred})."""
     sent: list[x509.Certificate] = []
     current = material.certificate
     while len(sent) < MAX_CHAIN and not _self_signed(current):
-        issuer = next((ca for ca in material.cas if ca not in sent and _issued(current, ca)), None)
-        if issuer is None or _self_signed(issuer):
+        candidates = _preferred([ca for ca in material.cas if ca not in sent and _issued(current, ca)])
+        if not candidates or _self_signed(candidates[0]):
             break
-        sent.append(issuer)
-        current = issuer
+        current = candidates[0]
+        sent.append(current)
     return tuple(sent)
 
 
@@ -178,22 +224,30 @@ def chain_to_send(material: TLSMaterial) -> tuple[x509.Certificate, ...]:
     """
     The CA certificates a handshake sends after our own: those that follow it in the
     certificate file, else the CAs between it and a root of the CA file; never a
-    self-signed root.  Never raises: at worst it sends less than the peer needs, and
-    the peer says so in its handshake error.
+    self-signed root.  Chosen once per reading of the files (start, SIGHUP), not at
+    each handshake.
 
     Left to itself, OpenSSL completes a chain that the certificate file does not give
     from the trust store, root included.  The peer only trusts a root it holds already,
     yet it parses the copy it is sent and keeps it for as long as the connection lasts:
-    4.5 KiB of a manager's memory per connected sensor (bench/tls_memory.py), some 500
+    4.5 KiB of a manager's memory per connected sensor (bench/tls_memory.py), some 400
     octets and a certificate parse per handshake.  RFC 8446 (4.4.2) lets a trust anchor
     be left out.  The intermediates are still sent, as before: a peer whose CA file
     holds only the root needs them.
+
+    Never raises: on a surprise it logs it and sends the certificate file's chain as it
+    is, and a chain the peer cannot use fails the handshake with the peer's reason.
     """
-    given = tuple(c for c in material.chain if not _self_signed(c))
-    if given:
-        return given
-    built = _built_chain(material)
-    return built if built is not None else _named_chain(material)
+    try:
+        given = tuple(c for c in material.chain if not _self_signed(c))
+        if given:
+            return given
+        built = _built_chain(material)
+        return built if built is not None else _named_chain(material)
+    except Exception:
+        log.failure("cannot choose the CAs to send above {subject}; sending the certificate file's as they are",
+                    subject=material.certificate.subject.rfc4514_string())
+        return tuple(material.chain)
 
 
 def send_own_chain_only(context: SSL.Context) -> SSL.Context:

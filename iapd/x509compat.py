@@ -167,9 +167,13 @@ def _value(oid_string: str, der: bytes) -> Any:
         if not flags["key_agreement"]:
             flags["encipher_only"] = flags["decipher_only"] = False
         return x509.KeyUsage(**flags)
-    if oid_string == ExtensionOID.SUBJECT_KEY_IDENTIFIER.dotted_string and tag == 0x04:
+    if oid_string == ExtensionOID.SUBJECT_KEY_IDENTIFIER.dotted_string:
+        if tag != 0x04 or end != len(der):
+            raise ValueError("bad subject key identifier")
         return x509.SubjectKeyIdentifier(der[start:end])
     if oid_string == ExtensionOID.AUTHORITY_KEY_IDENTIFIER.dotted_string:
+        if tag != 0x30 or end != len(der):
+            raise ValueError("bad authority key identifier")
         key_id = next((der[s:e] for t, s, e in _children(der, start, end) if t == 0x80), None)
         return x509.AuthorityKeyIdentifier(key_id, None, None)
     return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid_string), der)

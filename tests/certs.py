@@ -144,9 +144,10 @@ def make_test_pki(directory: Path) -> TestPKI:
 
 
 def make_ca(name: str, signer: tuple[Any, x509.Certificate] | None = None, key: Any = None,
-        expired: bool = False) -> tuple[Any, x509.Certificate]:
-    """A CA that may sign CAs below it: self-signed, or signed by C{signer} (key, cert).
-    iap-pki's own CA has a path length of 0 and signs leaves only."""
+        expired: bool = False, days: int = 2) -> tuple[Any, x509.Certificate]:
+    """A CA that may sign CAs below it: self-signed, or signed by C{signer} (key, cert),
+    valid for C{days} from an hour ago, or C{expired} a day ago.  iap-pki's own CA has a
+    path length of 0 and signs leaves only."""
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     issuer_key, issuer_name = (key, subject) if signer is None else (signer[0], signer[1].subject)
@@ -158,7 +159,7 @@ def make_ca(name: str, signer: tuple[Any, x509.Certificate] | None = None, key: 
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(days=30 if expired else 0, hours=1))
-        .not_valid_after(now - timedelta(days=1) if expired else now + timedelta(days=2))
+        .not_valid_after(now - timedelta(days=1) if expired else now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

@@ -8,9 +8,9 @@ Debian's /usr/bin/python3, which the .deb runs iapd on and which has no pytest. 
 cryptography 38 cannot parse the role OIDs' extensions, iapd.x509compat reads them
 itself and leaves the key identifiers out, and pyOpenSSL 23 and Twisted 22.4 make the
 connections: the choices must still come out the same.  Prints one JSON object: for
-each CA file, which CA is sent above the sensor's certificate, and for two memory-BIO
+each CA file, which CA is sent above the sensor's certificate; for two memory-BIO
 handshakes made with iapd's own contexts, what each end received above the other's
-certificate.
+certificate; and where the libraries came from.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def main() -> dict[str, Any]:
         _, other = make_ca("iapd test intermediate CA", (two.root_key, two.root))
         _, expired = make_ca("iapd test intermediate CA", (two.root_key, two.root), key=two.intermediate_key,
                              expired=True)
+        _, short = make_ca("iapd test intermediate CA", (two.root_key, two.root), key=two.intermediate_key, days=1)
         label = {c.fingerprint(two.root.signature_hash_algorithm): name  # type: ignore[arg-type]
                  for name, c in (("root", two.root), ("intermediate", two.intermediate), ("other", other),
-                                 ("expired", expired))}
+                                 ("expired", expired), ("short-lived", short))}
 
         def labels(certs: Any) -> list[str]:
             return [label.get(c.fingerprint(two.root.signature_hash_algorithm), c.subject.rfc4514_string())
@@ -51,7 +52,9 @@ def main() -> dict[str, Any]:
         sent: dict[str, list[str]] = {"iap-pki": labels(chain_to_send(load_material(*one.sensor, one.ca)))}
         for case, cas in (("renewed, other first", (two.root, other, two.intermediate)),
                           ("expired copy first", (two.root, expired, two.intermediate)),
-                          ("no root, other first", (other, two.intermediate))):
+                          ("no root, other first", (other, two.intermediate)),
+                          ("no root, expired copy first", (expired, two.intermediate)),
+                          ("short-lived copy first", (two.root, short, two.intermediate))):
             Path(d, "cas.crt").write_bytes(pem(*cas))
             sent[case] = labels(chain_to_send(load_material(Path(d, "two", "sensor.crt"), Path(d, "two", "sensor.key"),
                                                             Path(d, "cas.crt"))))
@@ -74,7 +77,14 @@ def main() -> dict[str, Any]:
                 "manager": labels(c.to_cryptography() for c in server.get_peer_cert_chain() or []),
                 "sensor": labels(c.to_cryptography() for c in (client.get_peer_cert_chain() or [])[1:]),
             }
-        return {"sent": sent, "received": received}
+        import cryptography
+        import OpenSSL
+
+        from iapd.x509compat import LARGE_ARCS
+
+        return {"sent": sent, "received": received,
+                "libraries": {"cryptography": cryptography.__file__, "OpenSSL": OpenSSL.__file__,
+                              "large_arcs": LARGE_ARCS}}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
-from iapd import pki
+from iapd import pki, tls
 from iapd.client import SensorSettings, deliver
 from iapd.roles import SENSOR_USAGES
 from iapd.tls import MAX_CHAIN, TLSMaterial, chain_to_send, client_options, load_material
@@ -117,9 +117,11 @@ def test_ca_file_whose_cas_certify_each_other(tmp_path: Path) -> None:
     assert chain_to_send(load_material(crt, key, cas)) == (a, b)
 
 
-def test_search_is_bounded(tmp_path: Path) -> None:
-    """A CA file holding a line of intermediates longer than any real PKI's: the
-    search stops after MAX_CHAIN of them."""
+@pytest.mark.parametrize("with_root", [True, False])
+def test_long_line_of_cas(tmp_path: Path, with_root: bool) -> None:
+    """A line of intermediates longer than any real PKI's: sent whole where OpenSSL
+    chains it to a root, as OpenSSL's own chain did; without the root the search by
+    name stops after MAX_CHAIN of them."""
     signer = make_ca("line root")
     cas = [signer[1]]
     for i in range(MAX_CHAIN + 2):
@@ -127,8 +129,82 @@ def test_search_is_bounded(tmp_path: Path) -> None:
         cas.append(signer[1])
     leaf_key, leaf = pki.make_certificate(signer[0], signer[1], "sensor1.test", SENSOR_USAGES)
     crt, key = pki.write_pair(tmp_path, "sensor", leaf_key, leaf)
-    (tmp_path / "line.crt").write_bytes(pem(*cas))
-    assert chain_to_send(load_material(crt, key, tmp_path / "line.crt")) == tuple(reversed(cas))[:MAX_CHAIN]
+    (tmp_path / "line.crt").write_bytes(pem(*(cas if with_root else cas[1:])))
+    intermediates = tuple(reversed(cas[1:]))
+    expected = intermediates if with_root else intermediates[:MAX_CHAIN]
+    assert chain_to_send(load_material(crt, key, tmp_path / "line.crt")) == expected
+
+
+@pytest.mark.parametrize("with_root", [True, False])
+def test_of_two_copies_the_one_that_lasts(two_level: TwoLevelPKI, tmp_path: Path, with_root: bool) -> None:
+    """The intermediate renewed with its key, both copies valid now: the chain is chosen
+    when the files are read, so the copy sent is the one that expires last, whichever
+    the CA file lists first, found through OpenSSL or by name."""
+    short = make_ca("iapd test intermediate CA", (two_level.root_key, two_level.root), key=two_level.intermediate_key,
+                    days=1)[1]
+    root = (two_level.root,) if with_root else ()
+    for cas in ((short, two_level.intermediate), (two_level.intermediate, short)):
+        assert chain_to_send(_with_cas(two_level, tmp_path, *root, *cas)) == (two_level.intermediate,)
+
+
+def test_no_root_expired_copy_first(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """No root in the CA file, an expired copy of the intermediate first: the search by
+    name prefers the copy valid now, as OpenSSL does."""
+    expired = make_ca("iapd test intermediate CA", (two_level.root_key, two_level.root),
+                      key=two_level.intermediate_key, expired=True)[1]
+    assert chain_to_send(_with_cas(two_level, tmp_path, expired, two_level.intermediate)) == (two_level.intermediate,)
+
+
+def test_key_rollover_certificate_is_sent(two_level: TwoLevelPKI, tmp_path: Path) -> None:
+    """A CA's key-rollover certificate (its own name as issuer, signed by its old key)
+    in the certificate file is an intermediate, not a root: it is sent."""
+    rollover = make_ca("iapd test intermediate CA", (ec.generate_private_key(ec.SECP256R1()), two_level.intermediate),
+                       key=ec.generate_private_key(ec.SECP256R1()))[1]
+    assert rollover.subject == rollover.issuer
+    d = two_level.directory
+    (tmp_path / "sensor.crt").write_bytes(pem(two_level.leaf["sensor"], rollover, two_level.root))
+    material = load_material(tmp_path / "sensor.crt", d / "sensor.key", d / "root.crt")
+    assert chain_to_send(material) == (rollover,)
+
+
+def _logged(during: Any) -> tuple[Any, list[str]]:
+    """C{during()}'s value, and the messages Twisted's log got meanwhile."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        return during(), [formatEvent(e) for e in events]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_surprise_is_logged_and_the_file_chain_sent(two_level: TwoLevelPKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(cert: x509.Certificate) -> bool:
+        raise TypeError("a surprise")
+
+    monkeypatch.setattr(tls, "_self_signed", broken)
+    material = two_level.material("sensor", "sensor+intermediate+root.crt", "root.crt")
+    chain, messages = _logged(lambda: chain_to_send(material))
+    assert chain == (two_level.intermediate, two_level.root)
+    assert any(m.startswith("cannot choose the CAs to send above CN=sensor1.test") for m in messages), messages
+
+
+def test_openssl_failing_oddly_is_logged_and_names_chosen(two_level: TwoLevelPKI,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a chain OpenSSL cannot find (that is silent: an expired certificate of ours,
+    or another end's CA file), but an error from the library itself."""
+    def broken(*args: Any) -> Any:
+        raise AttributeError("get_verified_chain")
+
+    monkeypatch.setattr(tls.crypto, "X509StoreContext", broken)
+    material = two_level.material("sensor", "sensor.crt", "root+intermediate.crt")
+    chain, messages = _logged(lambda: chain_to_send(material))
+    assert chain == (two_level.intermediate,)
+    assert any(m.startswith("cannot have OpenSSL chain CN=sensor1.test") for m in messages), messages
+    monkeypatch.undo()
+    # the CA file lacks the intermediate: no chain, no word in the log, nothing sent
+    assert _logged(lambda: chain_to_send(two_level.material("sensor", "sensor.crt", "root.crt"))) == ((), [])
 
 
 # -- what crosses a real handshake -------------------------------------------------------
@@ -259,21 +335,24 @@ ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = "/usr/bin/python3"
 CHOSEN = {
     "sent": {"iap-pki": [], "renewed, other first": ["intermediate"], "expired copy first": ["intermediate"],
-             "no root, other first": ["intermediate"]},
+             "no root, other first": ["intermediate"], "no root, expired copy first": ["intermediate"],
+             "short-lived copy first": ["intermediate"]},
     "received": {"iap-pki": {"manager": [], "sensor": []},
                  "intermediate": {"manager": ["intermediate"], "sensor": ["intermediate"]}},
 }
 
 
 def _chaincheck(python: str) -> Any:
-    done = subprocess.run([python, "-m", "tests.chaincheck"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=120)
+    """What tests/chaincheck.py prints under C{python}, its user site left out."""
+    done = subprocess.run([python, "-s", "-m", "tests.chaincheck"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
 def test_choices_on_this_stack() -> None:
-    assert _chaincheck(sys.executable) == CHOSEN
+    found = _chaincheck(sys.executable)
+    assert {k: found[k] for k in CHOSEN} == CHOSEN
 
 
 def test_choices_on_debians_stack() -> None:
@@ -289,4 +368,9 @@ def test_choices_on_debians_stack() -> None:
         if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
             pytest.fail(problem)
         pytest.skip(problem)
-    assert _chaincheck(DEBIAN_PYTHON) == CHOSEN
+    found = _chaincheck(DEBIAN_PYTHON)
+    assert {k: found[k] for k in CHOSEN} == CHOSEN
+    # Debian's own packages, not a pip install in /usr/local shadowing them
+    libraries = found["libraries"]
+    assert libraries["cryptography"].startswith("/usr/lib/python3/dist-packages/"), libraries
+    assert libraries["OpenSSL"].startswith("/usr/lib/python3/dist-packages/"), libraries

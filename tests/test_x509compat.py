@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtensionOID
 
 from iapd import pki, roles, x509compat
@@ -107,6 +108,28 @@ def test_hand_encoded_eku(usages: tuple[x509.ObjectIdentifier, ...]) -> None:
     _, cert = pki.make_certificate(ca_key, ca_cert, "compat.test", dotted)  # type: ignore[arg-type]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
     assert eku.critical and list(eku.value) == list(usages)
+
+
+@pytest.mark.parametrize("oid, der", [
+    (ExtensionOID.AUTHORITY_KEY_IDENTIFIER, b"\x04\x02ab"),  # an OCTET STRING where a SEQUENCE belongs
+    (ExtensionOID.AUTHORITY_KEY_IDENTIFIER, b"\x30\x04\x80\x02ab\x00"),  # an octet after the SEQUENCE
+    (ExtensionOID.SUBJECT_KEY_IDENTIFIER, b"\x04\x02ab\x00"),  # an octet after the OCTET STRING
+    (ExtensionOID.SUBJECT_KEY_IDENTIFIER, b"\x30\x00"),
+])
+def test_malformed_key_identifiers(oid: x509.ObjectIdentifier, der: bytes) -> None:
+    """A key identifier that is not valid DER: both parsers refuse the extensions, so a
+    role verdict is the same on Debian's cryptography and on a recent one."""
+    ca_key, ca_cert = pki.make_self_signed_ca("compat CA")
+    _, cert = pki.make_certificate(ca_key, ca_cert, "compat.test", SENSOR_USAGES)
+    builder = x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer) \
+        .public_key(cert.public_key()).serial_number(cert.serial_number) \
+        .not_valid_before(x509compat.not_valid_before(cert)).not_valid_after(x509compat.not_valid_after(cert))
+    for ext in cert.extensions:
+        if ext.oid != oid:
+            builder = builder.add_extension(ext.value, ext.critical)
+    bad = builder.add_extension(x509.UnrecognizedExtension(oid, der), critical=False).sign(ca_key, hashes.SHA256())
+    assert _or_unreadable(x509compat._parse_extensions, bad) == "unreadable"
+    assert _or_unreadable(lambda: bad.extensions) == "unreadable"
 
 
 def test_oid_codec() -> None:
