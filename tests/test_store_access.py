@@ -75,24 +75,38 @@ def stopped_store() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _read(command: list[str], db: Path) -> dict[str, object]:
-    done = subprocess.run([*command, "-c", READ, str(db)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+def _read(command: list[str], db: Path, source: Path = ROOT) -> dict[str, object]:
+    done = subprocess.run([*command, "-c", READ, str(db)], capture_output=True, text=True, timeout=60, cwd="/",
+                          env={**os.environ, "PYTHONPATH": str(source)})
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
-def test_operator_of_the_group_told_why_and_what_to_do(stopped_store: Path) -> None:
+@pytest.fixture
+def world_readable_source() -> Iterator[Path]:
+    """This checkout's iapd where any user can import it: the checkout itself may be
+    under a directory only root may enter."""
+    directory = Path(tempfile.mkdtemp(prefix="iapd-source-"))
+    try:
+        shutil.copytree(ROOT / "iapd", directory / "iapd", ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [directory, *directory.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_operator_of_the_group_told_why_and_what_to_do(stopped_store: Path, world_readable_source: Path) -> None:
     if shutil.which("setpriv") is None:
         _unavailable("setpriv (util-linux) is not installed")
     # root's interpreter may live where another user cannot go (pyenv under /root)
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", DEBIAN_PYTHON]
     probe = subprocess.run([*as_nobody, "-c", "import iapd.store"], capture_output=True, text=True, timeout=60,
-                           cwd="/", env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           cwd="/", env={**os.environ, "PYTHONPATH": str(world_readable_source)})
     if probe.returncode != 0:
         _unavailable(f"{DEBIAN_PYTHON} cannot import iapd.store as another user: {probe.stderr.strip()[-200:]}")
     before = sorted(p.name for p in stopped_store.parent.iterdir())
-    found = _read(as_nobody, stopped_store)
+    found = _read(as_nobody, stopped_store, world_readable_source)
     assert found == {"error": (
         f"cannot read store {stopped_store}: no manager has it open, and to read it then SQLite must create"
         f" alerts.db-wal and alerts.db-shm in {stopped_store.parent}, which this user may not do; read it while"
@@ -105,7 +119,7 @@ def test_operator_of_the_group_told_why_and_what_to_do(stopped_store: Path) -> N
     try:
         for name in ("alerts.db-wal", "alerts.db-shm"):
             (stopped_store.parent / name).chmod(0o644)
-        assert _read(as_nobody, stopped_store) == {"bodies": ["first", "second"]}
+        assert _read(as_nobody, stopped_store, world_readable_source) == {"bodies": ["first", "second"]}
     finally:
         opened.close()
 
