@@ -954,56 +954,33 @@ class SQLiteStore(GroupCommitStore):
 # -- reading, for iapctl and tests: synchronous, read-only, another process ----------
 
 
-def _on_read_only_filesystem(directory: Path) -> bool:
-    try:
-        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 def _unreadable(path: Path, error: sqlite3.Error) -> str:
     """
     Why C{path} cannot be read, in the reader's terms.  A store in WAL mode that no
     manager has open has no C{-wal} and C{-shm} beside it, and SQLite must create both
-    before it reads, even read-only: an operator of the manager's group, who may read
-    the files but not write in their directory, otherwise sees only "attempt to write a
-    readonly database".
+    before it reads, even read-only.  An operator of the manager's group, who may read
+    the files but not write in their directory, otherwise saw only "attempt to write a
+    readonly database"; a reader of a copy on a read-only filesystem, "unable to open
+    database file".
     """
-    wal = path.with_name(path.name + "-wal")
-    if not isinstance(error, sqlite3.OperationalError):
-        return str(error)
-    if wal.exists() and _on_read_only_filesystem(path.parent):
-        return (f"{wal.name} beside it holds alerts not yet copied into it, which SQLite cannot read from a"
-                " read-only filesystem without writing beside them; copy the store's files somewhere writable"
-                " and read the copy")
-    if not wal.exists() and not os.access(path.parent, os.W_OK):
-        return (f"no manager has it open, and to read it then SQLite must create {wal.name} and {path.name}-shm"
-                f" in {path.parent}, which this user may not do; read it while the manager runs, or as the user"
-                " the manager runs as (the Debian package's: sudo -u iapd iapctl ...)")
+    real = path.resolve()  # SQLite keeps the WAL's files beside the real file
+    wal, shm = real.with_name(real.name + "-wal"), real.with_name(real.name + "-shm")
+    if (getattr(error, "sqlite_errorname", "") in ("SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN")
+            and not (wal.exists() and shm.exists()) and os.access(real, os.R_OK)):
+        return (f"no manager has it open, and SQLite must create {wal.name} and {shm.name} in {real.parent} before"
+                " anyone reads it, which this user may not do there (or the filesystem is read-only); read it while"
+                " the manager runs, as root or as the user the manager runs as (the Debian package's: sudo -u iapd"
+                " iapctl ...), or read a copy of its files made somewhere writable")
     return str(error)
 
 
 def open_reader(path: Path) -> sqlite3.Connection:
-    """
-    A read-only connection, so that readers (iapctl, the dashboard) can never write to a
-    running manager's store.
-
-    A store on a read-only filesystem (a snapshot, a backup on read-only media) that no
-    manager left a WAL beside is opened immutable: SQLite could not create the WAL's
-    files there, and nothing can change the store while it is read.
-    """
+    """A read-only connection, so that readers (iapctl, the dashboard) can never write to a running manager's store."""
     if not path.exists():
         raise StoreError(f"no store at {path} (has the manager run with this configuration?)")
     db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        try:
-            db.execute("SELECT 1 FROM alerts LIMIT 1")
-        except sqlite3.OperationalError:
-            if path.with_name(path.name + "-wal").exists() or not _on_read_only_filesystem(path.parent):
-                raise
-            db.close()
-            db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=30)
         db.row_factory = sqlite3.Row
         db.execute("SELECT 1 FROM alerts LIMIT 1")
         if "body_at" not in {row[1] for row in db.execute("PRAGMA table_info(alerts)")}:

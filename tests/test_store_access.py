@@ -4,12 +4,12 @@ Reading a store where the reader may not write (iapd.store.open_reader).
 A store in WAL mode that no manager has open has no C{-wal} and C{-shm} beside it, and
 SQLite creates both before it reads, even read-only.  Two readers cannot: an operator
 of the manager's group, who may read the files but not write in their directory, while
-the manager is stopped; and anyone reading a store on a read-only filesystem (a
-snapshot, a backup on read-only media).  The first gets an answer that says so and
-what to do; the second reads it.  Real processes: a real store written by the
-manager's code, read by a non-root user through setpriv and inside a mount namespace
-of its own (unshare) where its directory is a read-only bind mount.  Both need root,
-as CI has; elsewhere they skip, under CI they fail.
+the manager is stopped; and anyone reading a copy of the store on a read-only
+filesystem.  Both get an answer that says why and what to do, and nothing is read
+without the alerts a WAL holds.  Real processes: a real store written by the manager's
+code, read by a non-root user through setpriv, and inside a mount namespace of its own
+(unshare) where its directory is a read-only bind mount.  Both need root, as CI has;
+elsewhere they skip, under CI they fail.
 """
 
 from __future__ import annotations
@@ -107,11 +107,7 @@ def test_operator_of_the_group_told_why_and_what_to_do(stopped_store: Path, worl
         _unavailable(f"{DEBIAN_PYTHON} cannot import iapd.store as another user: {probe.stderr.strip()[-200:]}")
     before = sorted(p.name for p in stopped_store.parent.iterdir())
     found = _read(as_nobody, stopped_store, world_readable_source)
-    assert found == {"error": (
-        f"cannot read store {stopped_store}: no manager has it open, and to read it then SQLite must create"
-        f" alerts.db-wal and alerts.db-shm in {stopped_store.parent}, which this user may not do; read it while"
-        " the manager runs, or as the user the manager runs as (the Debian package's: sudo -u iapd iapctl ...)"
-    )}
+    assert found == {"error": _told(stopped_store, stopped_store.parent)}
     assert sorted(p.name for p in stopped_store.parent.iterdir()) == before
     # the same user reads it once the WAL's files are there, as while a manager runs
     opened = SQLiteBackend(stopped_store)
@@ -124,9 +120,17 @@ def test_operator_of_the_group_told_why_and_what_to_do(stopped_store: Path, worl
         opened.close()
 
 
+def _told(store: Path, directory: Path) -> str:
+    return (f"cannot read store {store}: no manager has it open, and SQLite must create alerts.db-wal and"
+            f" alerts.db-shm in {directory} before anyone reads it, which this user may not do there (or the"
+            " filesystem is read-only); read it while the manager runs, as root or as the user the manager runs as"
+            " (the Debian package's: sudo -u iapd iapctl ...), or read a copy of its files made somewhere writable")
+
+
 def _read_only(directory: Path) -> list[str]:
     """A command prefix: in a mount namespace of its own, C{directory} bound onto itself
-    read-only and checked unwritable, then the rest of the command."""
+    read-only and checked unwritable, then the rest of the command.  Only ever
+    C{remount,bind,ro}: without C{bind}, the remount would reach the host's filesystem."""
     if shutil.which("unshare") is None:
         _unavailable("unshare (util-linux) is not installed")
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -135,18 +139,23 @@ def _read_only(directory: Path) -> list[str]:
             "sh", str(directory), sys.executable]
 
 
-def test_store_on_a_read_only_filesystem_is_read(stopped_store: Path) -> None:
+def test_store_on_a_read_only_filesystem(stopped_store: Path, tmp_path: Path) -> None:
+    """Told why and what to do, even as root, directly or through a symbolic link from
+    a writable directory (SQLite keeps the WAL's files beside the real file)."""
     directory = stopped_store.parent
+    link = tmp_path / "link.db"
+    link.symlink_to(stopped_store)
     before = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
-    assert _read(_read_only(directory), stopped_store) == {"bodies": ["first", "second"]}
+    assert _read(_read_only(directory), stopped_store) == {"error": _told(stopped_store, directory)}
+    assert _read(_read_only(directory), link) == {"error": _told(link, directory)}
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == before
 
 
 def test_read_only_copy_with_alerts_still_in_its_wal(stopped_store: Path) -> None:
     """
     A copy taken while a manager ran: the newest alerts are in the -wal file only, and
-    the -shm was not copied.  Read immutable, the file alone would show a store without
-    them; the reader must refuse and say why instead.
+    the -shm was not copied.  On a read-only filesystem it is refused, never read
+    without them; made writable, it gives all three.
     """
     directory = stopped_store.parent
     copy = Path(tempfile.mkdtemp(prefix="iapd-access-copy-"))
@@ -161,12 +170,7 @@ def test_read_only_copy_with_alerts_still_in_its_wal(stopped_store: Path) -> Non
         finally:
             running.close()
         copy.chmod(0o755)
-        assert _read(_read_only(copy), copy / "alerts.db") == {"error": (
-            f"cannot read store {copy / 'alerts.db'}: alerts.db-wal beside it holds alerts not yet copied into it,"
-            " which SQLite cannot read from a read-only filesystem without writing beside them; copy the store's"
-            " files somewhere writable and read the copy"
-        )}
-        # and so the copy, made writable, gives all three
+        assert _read(_read_only(copy), copy / "alerts.db") == {"error": _told(copy / "alerts.db", copy)}
         assert _read([sys.executable], copy / "alerts.db") == {"bodies": ["first", "second", "third"]}
     finally:
         shutil.rmtree(copy, ignore_errors=True)
