@@ -255,6 +255,33 @@ class HandshakeChainTests(ManagerTestCase):
         self.assertEqual(self.names(sensor_side.get_peer_cert_chain()), ["CN=manager.test"])
 
     @inlineCallbacks
+    def test_pyopenssl_without_the_binding_warns_once_and_still_connects(self) -> Any:
+        """
+        A pyOpenSSL whose bindings lack the call that sets a connection's mode (here
+        hidden from the import): the sensor says so once in its log, sends its CA as
+        OpenSSL would, and the connection works as before.
+        """
+        import sys
+
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        real = sys.modules["OpenSSL._util"]
+        sys.modules["OpenSSL._util"] = None  # type: ignore[assignment]  # its import now raises ImportError
+        self.addCleanup(sys.modules.__setitem__, "OpenSSL._util", real)
+        self.patch(tls._OwnChainOnly, "warned", False)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield self.start_manager()
+        material = load_material(*self.pki.sensor, self.pki.ca)
+        sensor_side, manager_side = yield self.data_phase(material)
+        self.assertEqual(self.names(manager_side.get_peer_cert_chain()), ["CN=iapd test CA"])
+        yield self.data_phase(material, connections=2)
+        warnings = [formatEvent(e) for e in events if "cannot set a connection's mode" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("handshakes send the CA certificate too", warnings[0])
+
+    @inlineCallbacks
     def test_intermediates_cross_without_the_root(self) -> Any:
         """
         The manager trusts the root alone and has its intermediate in its certificate
