@@ -8,8 +8,9 @@ It measures this interpreter's stack, then, where Debian's /usr/bin/python3 can 
 iapd, the same again on Debian's stack, which the .deb runs on (OpenSSL 3.0 on Debian
 12, not the OpenSSL bundled in cryptography's wheel).
 
-C{bench/run.py} measures the whole manager (about 48 KiB per idle sensor on pip's stack,
-32 on Debian's, against a goal of 20).  This takes the connection objects apart, in one
+C{bench/run.py} measures the whole manager (about 40 KiB per idle sensor on pip's stack,
+25 on Debian's, against a goal of 20), C{bench/floor.py} the least a Twisted TLS server
+keeps for one.  This takes the connection objects apart, in one
 process, with in-memory TLS between a manager context and a sensor context made as iapd
 makes them (iapd/tls.py, the benchmark's own test PKI).  For each variant it keeps N manager-side connections
 and prints the C heap they hold each (glibc C{mallinfo2} after C{malloc_trim}; Python's
