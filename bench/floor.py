@@ -14,12 +14,13 @@ client certificate required), answers one octet to the one each client sends aft
 handshake, gives the connection's memory BIOs back at once as the manager does for a
 quiet one (L{iapd.tlsbuffers}), calls C{malloc_trim}, and keeps nothing else: no IAP
 setup, no store, no timers, no Python object of its own beyond Twisted's C{Protocol}.
-No server on this stack keeps less per connection with the same TLS (1.3, mutual
-authentication, OpenSSL's default groups and suites), short of reaching into OpenSSL
-further than iapd does: C{bench/tls_memory.py} takes OpenSSL's share apart.
+It stands for the least a server on this stack keeps with the same TLS (1.3, mutual
+authentication, OpenSSL's default groups and suites): C{bench/tls_memory.py} takes
+OpenSSL's share apart, and shows what other choices would weigh.
 
 For each stack and count it measures, the way C{bench/run.py}'s scale section does
-(RSS over the RSS after a warm-up, divided by the connections, once they are quiet):
+(RSS over the RSS after a warm-up, divided by the connections, once they are quiet;
+full handshakes, every client on this interpreter's stack, Debian's rows included):
 
   iapd manager          C{twistd iap-manager}, sensors set up by C{bench/loadgen.py}
                         (CONNECT, upgrade, TLS, version verify), measured after
@@ -41,11 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,7 @@ from common import MANAGER, SENSOR, BenchError, Manager, Process, env  # noqa: E
 
 PER_PROCESS = 2500  # client connections per client process, as run.py's load generators
 SETUP_LIMIT = 300  # seconds a client process may take to set up its connections
+FD_MARGIN = 1000  # descriptors beyond one a connection, for a manager's store and logs (as run.py)
 
 
 # -- the floor server and its clients (run as subprocesses) ---------------------------
@@ -63,8 +67,10 @@ SETUP_LIMIT = 300  # seconds a client process may take to set up its connections
 
 def serve(pki: Path, trace: bool = False) -> None:
     """
-    The floor server: prints its port, then holds what connects until SIGTERM.  With
-    C{trace}, it also prints the octets tracemalloc sees Python holding, twice a second.
+    The floor server: prints its port, then holds what connects until SIGTERM.  Twice
+    a second it calls C{malloc_trim} and prints how many connections are open and how
+    many of them have given their buffers back; with C{trace}, also the octets
+    tracemalloc sees Python holding.
     """
     if trace:
         import tracemalloc
@@ -75,32 +81,44 @@ def serve(pki: Path, trace: bool = False) -> None:
     epollreactor.install()
     from twisted.internet import endpoints, reactor, task
     from twisted.internet.protocol import Factory, Protocol
+    from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from iapd import tls, tlsbuffers
 
     material = tls.load_material(pki / f"{MANAGER}.crt", pki / f"{MANAGER}.key", pki / "ca.crt")
-    released = [0, 0]  # connections given back, and at the last trim
+    counts = {"open": 0, "released": 0}  # connections open, and of those, given back
 
     class Hold(Protocol):
+        released = False
+
+        def connectionMade(self) -> None:
+            counts["open"] += 1
+
         def dataReceived(self, data: bytes) -> None:
             self.transport.write(b"y")
             reactor.callLater(0, self.give_back)  # not inside OpenSSL's own call
 
         def give_back(self) -> None:
-            if self.connected and tlsbuffers.release(self.transport.getHandle()):
-                released[0] += 1
+            if self.connected and not self.released and tlsbuffers.release(self.transport.getHandle()):
+                self.released = True
+                counts["released"] += 1
 
         def connectionLost(self, reason: Any = None) -> None:
             self.connected = False
+            counts["open"] -= 1
+            counts["released"] -= self.released
 
-    def trim() -> None:
-        if released[0] != released[1] and tlsbuffers._malloc_trim is not None:
-            released[1] = released[0]
+    def tick() -> None:
+        """Trim, then say how things stand: what the orchestrator waits for."""
+        if tlsbuffers._malloc_trim is not None:
             tlsbuffers._malloc_trim(0)
+        said: dict[str, int] = dict(counts)
         if trace:
-            print(json.dumps({"traced": tracemalloc.get_traced_memory()[0]}), flush=True)
+            said["traced"] = tracemalloc.get_traced_memory()[0]
+        print(json.dumps(said), flush=True)
 
-    task.LoopingCall(trim).start(0.5)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)  # errors
+    task.LoopingCall(tick).start(0.5)
     endpoint = endpoints.SSL4ServerEndpoint(reactor, 0, tls.server_options(material), backlog=4096,
                                             interface="127.0.0.1")
 
@@ -196,50 +214,65 @@ class Floor(Process):
                  trace: bool = False) -> None:
         super().__init__(name, [python or sys.executable, __file__, "--serve", str(pki), *(["--trace"] * trace)],
                          workdir, nofile=nofile)
-        deadline = time.monotonic() + 30
-        while not (said := [m for m in self.said() if "port" in m]):
-            self.alive()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"{name} did not listen in 30 s: {self.log_tail()}")
-            time.sleep(0.05)
-        if said[0]["buffers"]:
+        try:
+            said = self.report(lambda r: "port" in r, "no port said", 30, since=0)
+            if said["buffers"]:
+                raise BenchError(f"{name} cannot give TLS buffers back: {said['buffers']}")
+        except BaseException:
             self.stop()
-            raise BenchError(f"{name} cannot give TLS buffers back: {said[0]['buffers']}")
-        self.port: int = said[0]["port"]
+            raise
+        self.port: int = said["port"]
 
     def said(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_tail(1 << 20).splitlines() if line.startswith("{")]
+        """What the server has said so far (its log's JSON lines)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
 
-    def traced(self) -> int:
-        """What tracemalloc saw Python holding, at the server's next report."""
-        seen = len(self.said())
-        for _ in range(100):
+    def report(self, want: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60,
+               since: int | None = None) -> dict[str, Any]:
+        """The first thing the server says, from now on (or from its C{since}th line), that C{want}s."""
+        seen = len(self.said()) if since is None else since
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.alive()
+            new = self.said()[seen:]
+            for said in new:
+                if want(said):
+                    return said
+            seen += len(new)
             time.sleep(0.1)
-            now = self.said()
-            if len(now) > seen:
-                return int(now[-1]["traced"])
-        raise BenchError(f"{self.name} has not said what Python holds for 10 s")
+        raise BenchError(f"{self.name}: {what} after {timeout:.0f} s; it last said {self.said()[-1:]}")
 
 
 def hold(floor: Floor, pki: Path, count: int, workdir: Path) -> list[subprocess.Popen[str]]:
     """Connect C{count} clients to C{floor}, split over processes; returns them, holding."""
-    procs = []
+    procs, logs = [], []
     for first in range(0, count, PER_PROCESS):
         n = min(PER_PROCESS, count - first)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--connect", str(floor.port), str(pki), str(n)],
-                                      env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                      stderr=open(workdir / f"{floor.name}-client-{first}.log", "w"),
-                                      start_new_session=True))
+        logs.append(workdir / f"{floor.name}-client-{first}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--connect", str(floor.port), str(pki), str(n)],
+                                          env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                          stderr=log, start_new_session=True))
     try:
-        for p in procs:
+        deadline = time.monotonic() + SETUP_LIMIT + 60
+        for p, log_path in zip(procs, logs):
             assert p.stdout is not None
-            line = p.stdout.readline()
+            ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = p.stdout.readline() if ready else ""
             if not line:
-                raise BenchError(f"a floor client exited with {p.wait(30)} (see {workdir}/{floor.name}-client-*.log)")
+                why = f"exited with {p.poll()}" if ready else f"said nothing in {SETUP_LIMIT + 60} s"
+                raise BenchError(f"a client of {floor.name} {why}: {log_path.read_text(errors='replace')[-2000:]}")
             got = json.loads(line)
             if got["errors"]:
-                raise BenchError(f"{floor.name}: {got['errors'][0]} (and more: {got['errors'][1:]})")
+                more = f" (and {len(got['errors']) - 1} more)" if len(got["errors"]) > 1 else ""
+                raise BenchError(f"{floor.name}: {got['ready']} connected, then {got['errors'][0]}{more}")
     except BaseException:
         for p in procs:
             common.stop(p)
@@ -250,20 +283,23 @@ def hold(floor: Floor, pki: Path, count: int, workdir: Path) -> list[subprocess.
 def measure_floor(workdir: Path, pki: Path, sensor_pki: Path, count: int, python: str | None, name: str,
                   trace: bool = False) -> float:
     """
-    The floor server's RSS per connection, in KiB, over its RSS after a warm-up; with
-    C{trace}, the octets of Python objects per connection instead.
+    The floor server's RSS per connection, in KiB, over its RSS after a warm-up, read
+    once every connection is open and has given its buffers back and the heap has been
+    trimmed; with C{trace}, the octets of Python objects per connection instead.
     """
-    floor = Floor(workdir, pki, count + 1000, name, python, trace)
+    floor = Floor(workdir, pki, count + FD_MARGIN, name, python, trace)
     procs: list[subprocess.Popen[str]] = []
     try:
-        for p in hold(floor, sensor_pki, 4, workdir):  # warm up: caches and first allocations
+        warm = hold(floor, sensor_pki, 4, workdir)  # caches and first allocations
+        floor.report(lambda r: r.get("released") == 4, "the 4 warm-up connections not given back")
+        for p in warm:
             common.stop(p)
-        time.sleep(1.5)
-        base = floor.traced() if trace else floor.rss()
+        said = floor.report(lambda r: r.get("open") == 0, "the 4 warm-up connections not closed")
+        base = said["traced"] if trace else floor.rss()
         procs = hold(floor, sensor_pki, count, workdir)
-        time.sleep(1.5)  # every connection given back and trimmed (every 0.5 s)
-        floor.alive()
-        return (floor.traced() - base) / count if trace else (floor.rss() - base) / count
+        said = floor.report(lambda r: r.get("open") == count and r.get("released") == count,
+                            f"not all {count} connections open and given back")
+        return (said["traced"] - base) / count if trace else (floor.rss() - base) / count
     finally:
         for p in procs:
             common.stop(p, 30)
@@ -273,8 +309,8 @@ def measure_floor(workdir: Path, pki: Path, sensor_pki: Path, count: int, python
 def measure_manager(bench: Any, workdir: Path, sensor_pki: Path, count: int, python: str | None, name: str) -> float:
     from run import QUIET_S
 
-    common.raise_nofile(count + 1000)
-    manager = Manager(workdir, bench.pki, nofile=count + 1000, name=name, python=python)
+    common.raise_nofile(count + FD_MARGIN)
+    manager = Manager(workdir, bench.pki, nofile=count + FD_MARGIN, name=name, python=python)
     saved, bench.pki = bench.pki, sensor_pki  # the load generators take their sensor's files from here
     try:
         bench.load(manager, manager.port, 4, 1024, 16, 0.3)  # warm up, as run.py's scale section
@@ -328,8 +364,11 @@ def main() -> int:
 
     counts = [40] if args.smoke else [int(n) for n in args.connections.split(",")]
     hard = common.nofile_hard()
-    if max(counts) + 1000 > hard:
-        raise BenchError(f"the descriptor limit is {hard}; {max(counts)} connections need {max(counts) + 1000}")
+    for count in [n for n in counts if n + FD_MARGIN > hard]:
+        print(f"skipped: {count} connections need {count + FD_MARGIN} descriptors; the limit is {hard}")
+        counts.remove(count)
+    if not counts:
+        raise BenchError("no count of connections fits the descriptor limit")
     stacks: list[tuple[str, str | None]] = [("pip's stack", None)]
     here = common.stack()
     debian, why_not = (None, "") if args.no_debian else common.debian_stack(here)

@@ -28,6 +28,9 @@ own objects are not in it), compared with the first row, the floor:
   ... buffers given back    after the handshake, the manager's memory BIOs given back as
                             a quiet connection's are (iapd/tlsbuffers.py), checked by a
                             second alert
+  ... AES-128-GCM           the same, the manager offering only that TLS 1.3 suite
+                            (OpenSSL's first choice, and so iapd's, is AES-256-GCM)
+  ... ChaCha20-Poly1305     the same, with only that suite
   after a 64 KiB read       the handshake, then 64 KiB of alert in one socket read
   ... buffers given back    the same, then given back
 
@@ -57,6 +60,9 @@ class _MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
     )]
 
+
+SUITES = {"AES-128-GCM": b"TLS_AES_128_GCM_SHA256", "ChaCha20-Poly1305": b"TLS_CHACHA20_POLY1305_SHA256"}
+"""The variants that offer one TLS 1.3 suite, by the name OpenSSL gives it."""
 
 _libc = ctypes.CDLL("libc.so.6")
 _libc.mallinfo2.restype = _MallInfo2
@@ -153,6 +159,11 @@ def main() -> None:
                 context.set_tmp_ecdh(ec.SECP256R1())
             except AttributeError:  # an older pyOpenSSL (Debian 12's 23.0) takes its own curve objects
                 context.set_tmp_ecdh(crypto.get_elliptic_curve("prime256v1"))
+        if variant in SUITES:
+            from OpenSSL._util import lib  # pyOpenSSL 23 has no call for TLS 1.3 suites
+
+            if lib.SSL_CTX_set_ciphersuites(context._context, SUITES[variant]) != 1:
+                raise common.BenchError(f"{variant}: OpenSSL refused the suite")
         if variant == "no client cert":
             context.set_verify(SSL.VERIFY_NONE)
         return context
@@ -187,6 +198,8 @@ def main() -> None:
             exchange(client, server, b"x" * (65536 if burst else 1024), variant)
             if server.get_protocol_version_name() != "TLSv1.3":
                 raise common.BenchError(f"{variant}: negotiated {server.get_protocol_version_name()}")
+            if variant in SUITES and server.get_cipher_name() != SUITES[variant].decode():
+                raise common.BenchError(f"{variant}: negotiated {server.get_cipher_name()}")
             if (server.get_peer_certificate() is None) != (variant == "no client cert"):
                 raise common.BenchError(f"{variant}: the manager has the wrong idea of the sensor's certificate")
             if release:
@@ -211,6 +224,8 @@ def main() -> None:
         ("... Ed25519 sensor", connected("Ed25519 sensor")),
         ("... CA sent too", connected("CA sent")),
         ("... buffers given back", connected("default", release=True)),
+        ("... AES-128-GCM", connected("AES-128-GCM", release=True)),
+        ("... ChaCha20-Poly1305", connected("ChaCha20-Poly1305", release=True)),
         ("after a 64 KiB read", connected("default", burst=True)),
         ("... buffers given back", connected("default", burst=True, release=True)),
     ]
